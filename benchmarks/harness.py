@@ -1,0 +1,334 @@
+"""The one harness every benchmark uses: device ceilings, timing, tables, JSON and plots.
+
+A benchmark file `benchmarks/bench_<name>.py` defines `BENCHMARKS = [OpBench(...) | StepBench(...)]`;
+`benchmarks/run.py` finds it. Two kinds:
+
+- OpBench: an autograd op timed in the modes forward / backward / full for each provider
+  (`triton`, `torch`, ... and `torch.compile` of the torch provider, added here).
+- StepBench: a whole step (an optimizer step, a training step) timed per provider.
+
+Each reports time (median of triton.testing.do_bench), a rate from an explicit work formula
+(bytes -> GB/s, FLOPs -> TFLOP/s), the fraction of the device's measured ceiling (copy bandwidth,
+bf16 matmul), peak memory, and the speedup against the baseline provider.
+
+Without CUDA, `smoke()` runs tiny sizes on CPU tensors in the Triton interpreter and checks that every
+provider agrees with the baseline: it catches a broken entry, it measures nothing.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+MODES = ("forward", "backward", "full")
+COMPILED = "torch.compile"
+
+
+@dataclass
+class OpBench:
+    """An autograd op, timed forward, backward and forward+backward."""
+
+    name: str
+    unit: str                              # "GB/s" (work in bytes) or "TFLOP/s" (work in FLOPs)
+    make_inputs: Callable[..., tuple]      # (config, device, dtype) -> fresh inputs; float ones require grad
+    providers: dict[str, Callable]         # name -> fn(*inputs) -> Tensor or tuple of Tensors
+    work: Callable[[dict, str], float]     # (config, mode) -> bytes or FLOPs of one call
+    configs: list[dict]                    # sizes timed on the GPU, a table row each
+    smoke_configs: list[dict]              # tiny sizes checked in the CPU interpreter
+    modes: tuple = MODES
+    baseline: str = "torch"                # speedups are against this provider
+    compile_baseline: bool = True          # also time torch.compile(providers["torch"])
+    dtype: torch.dtype = torch.bfloat16
+    smoke_tol: float = 1e-3                # max abs difference allowed in smoke mode (fp32)
+
+
+@dataclass
+class StepBench:
+    """A whole step timed per provider, e.g. an optimizer step."""
+
+    name: str
+    unit: str
+    providers: dict[str, Callable[..., Callable[[], Any]]]  # name -> (config, device, dtype) -> step()
+    work: Callable[[dict], float]          # config -> bytes or FLOPs of one step
+    configs: list[dict]
+    smoke_configs: list[dict]
+    baseline: str = "torch"
+    dtype: torch.dtype = torch.float32
+    # smoke mode: step() returns tensors (or a list of them) compared with the baseline's
+    smoke_tol: float = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def do_bench(fn, grad_to_none=None) -> float:
+    """Median milliseconds of fn() on the GPU."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def measure_ceilings(device) -> dict:
+    """What this device can do at best: device-to-device copy GB/s and bf16 matmul TFLOP/s."""
+    n_bytes = 1 << 30
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src))
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    matmul_ms = do_bench(lambda: a @ b)
+    return {
+        "copy_GBps": 2 * n_bytes / copy_ms / 1e6,
+        "matmul_bf16_TFLOPs": 2 * n**3 / matmul_ms / 1e9,
+    }
+
+
+def rate(unit: str, work: float, ms: float) -> float:
+    scale = 1e6 if unit == "GB/s" else 1e9  # work per ms -> GB/s or TFLOP/s
+    return work / ms / scale
+
+
+def ceiling_of(unit: str, ceilings: dict) -> float:
+    return ceilings["copy_GBps"] if unit == "GB/s" else ceilings["matmul_bf16_TFLOPs"]
+
+
+def _as_tuple(out):
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _leaves(inputs):
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _op_step(fn, inputs, mode):
+    """A zero-argument callable that runs one `mode` of fn on inputs."""
+    if mode == "forward":
+        return lambda: fn(*inputs)
+    outs = [o for o in _as_tuple(fn(*inputs)) if o.requires_grad]
+    grads = [torch.randn_like(o) for o in outs]
+    if mode == "backward":
+        return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
+    return lambda: torch.autograd.backward([o for o in _as_tuple(fn(*inputs)) if o.requires_grad], grads)
+
+
+def _peak_mb(step, device) -> float:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _op_providers(bench: OpBench) -> dict:
+    providers = dict(bench.providers)
+    if bench.compile_baseline and "torch" in providers:
+        providers[COMPILED] = torch.compile(providers["torch"])
+    return providers
+
+
+def time_op(bench: OpBench, device, ceilings) -> list[dict]:
+    rows = []
+    for config in bench.configs:
+        for provider, fn in _op_providers(bench).items():
+            for mode in bench.modes:
+                row = {"config": config, "provider": provider, "mode": mode}
+                try:
+                    inputs = bench.make_inputs(config, device, bench.dtype)
+                    step = _op_step(fn, inputs, mode)
+                    row["ms"] = do_bench(step, grad_to_none=_leaves(inputs))
+                    row["peak_MB"] = _peak_mb(step, device)
+                    row["rate"] = rate(bench.unit, bench.work(config, mode), row["ms"])
+                    row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
+                except Exception as err:  # a provider the machine lacks (a cuDNN backend, say)
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                rows.append(row)
+                torch.cuda.empty_cache()
+    return _add_speedups(rows, bench.baseline)
+
+
+def time_step(bench: StepBench, device, ceilings) -> list[dict]:
+    rows = []
+    for config in bench.configs:
+        for provider, factory in bench.providers.items():
+            row = {"config": config, "provider": provider, "mode": "step"}
+            try:
+                step = factory(config, device, bench.dtype)
+                row["ms"] = do_bench(step)
+                row["peak_MB"] = _peak_mb(step, device)
+                row["rate"] = rate(bench.unit, bench.work(config), row["ms"])
+                row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return _add_speedups(rows, bench.baseline)
+
+
+def _add_speedups(rows, baseline):
+    base = {(json.dumps(r["config"], sort_keys=True), r["mode"]): r.get("ms") for r in rows if r["provider"] == baseline}
+    for row in rows:
+        base_ms = base.get((json.dumps(row["config"], sort_keys=True), row["mode"]))
+        if base_ms and row.get("ms"):
+            row["speedup"] = base_ms / row["ms"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke mode: tiny sizes, CPU interpreter, agreement only
+
+
+def _max_diff(a, b) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def smoke_op(bench: OpBench, device) -> list[dict]:
+    """Forward outputs and input gradients of every provider against the baseline, in fp32."""
+    rows = []
+    for config in bench.smoke_configs:
+        results = {}
+        for provider, fn in bench.providers.items():
+            torch.manual_seed(0)
+            inputs = bench.make_inputs(config, device, torch.float32)
+            outs = _as_tuple(fn(*inputs))
+            differentiable = [o for o in outs if o.requires_grad]
+            torch.manual_seed(1)
+            grads = [torch.randn_like(o) for o in differentiable]
+            if "backward" in bench.modes and differentiable:
+                torch.autograd.backward(differentiable, grads)
+            results[provider] = [*outs, *(t.grad for t in _leaves(inputs))]
+        rows += _compare(bench, config, results)
+    return rows
+
+
+def smoke_step(bench: StepBench, device) -> list[dict]:
+    rows = []
+    for config in bench.smoke_configs:
+        results = {}
+        for provider, factory in bench.providers.items():
+            torch.manual_seed(0)
+            step = factory(config, device, torch.float32)
+            results[provider] = list(_as_tuple(step()))
+        rows += _compare(bench, config, results)
+    return rows
+
+
+def _compare(bench, config, results) -> list[dict]:
+    reference = results[bench.baseline]
+    rows = []
+    for provider, tensors in results.items():
+        if len(tensors) != len(reference):
+            err = math.inf
+        else:
+            err = max((_max_diff(a, b) for a, b in zip(tensors, reference) if a is not None), default=0.0)
+        rows.append({"config": config, "provider": provider, "mode": "smoke", "max_abs_diff": err,
+                     "ok": err <= bench.smoke_tol})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def environment(device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
+def results_dir(device_name: str) -> pathlib.Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+    return pathlib.Path(__file__).parent / "results" / slug
+
+
+def _config_label(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def markdown_table(bench, rows) -> str:
+    if rows and rows[0]["mode"] == "smoke":
+        lines = ["| config | provider | max abs diff vs " + bench.baseline + " | ok |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {_config_label(r['config'])} | {r['provider']} | {r['max_abs_diff']:.2e} | "
+                         f"{'yes' if r['ok'] else 'NO'} |")
+        return "\n".join(lines)
+    ceiling = "copy" if bench.unit == "GB/s" else "matmul"
+    lines = [f"| config | mode | provider | ms | {bench.unit} | % of {ceiling} | peak MB | vs {bench.baseline} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {_config_label(r['config'])} | {r['mode']} | {r['provider']} | n/a ({r['error']}) | | | | |")
+            continue
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        lines.append(f"| {_config_label(r['config'])} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
+                     f"{r['rate']:.1f} | {100 * r['of_ceiling']:.1f} | {r['peak_MB']:.0f} | {speedup} |")
+    return "\n".join(lines)
+
+
+def plot(bench, rows, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "rate" in r]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    if not modes:
+        return
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    labels = list(dict.fromkeys(_config_label(r["config"]) for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+    width = 0.8 / len(providers)
+    for ax, mode in zip(axes[0], modes):
+        for i, provider in enumerate(providers):
+            values = {(_config_label(r["config"])): r["rate"] for r in rows if r["mode"] == mode and r["provider"] == provider}
+            xs = [j + i * width for j in range(len(labels))]
+            ax.bar(xs, [values.get(label, 0) for label in labels], width, label=provider)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{bench.name} {mode}")
+        ax.set_ylabel(bench.unit)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(bench, rows, env: dict, ceilings: dict, out_dir: pathlib.Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(bench, rows)
+    (out_dir / f"{bench.name}.json").write_text(json.dumps(
+        {"benchmark": bench.name, "unit": bench.unit, "environment": env, "ceilings": ceilings, "rows": rows},
+        indent=1, default=str))
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    ceil = "\n".join(f"- {k}: {v:.1f}" for k, v in ceilings.items())
+    (out_dir / f"{bench.name}.md").write_text(f"# {bench.name}\n\n{header}\n\nMeasured ceilings:\n{ceil}\n\n{table}\n")
+    plot(bench, rows, out_dir / f"{bench.name}.png")

@@ -1,0 +1,33 @@
+"""The GPT-2 BPE through tiktoken.
+
+tiktoken downloads the BPE files on first use and caches them. Offline, point TIKTOKEN_CACHE_DIR at a
+folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache).
+"""
+import functools
+
+EOT_TOKEN = 50256       # <|endoftext|>, which also separates documents in the token shards
+VOCAB_SIZE = 50257      # real GPT-2 vocabulary; the model pads its embedding to 50304 for speed
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    """The tiktoken "gpt2" encoding, with a clear message when it cannot be downloaded."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # tiktoken raises requests/urllib errors of several kinds when offline
+        raise RuntimeError(
+            "could not load the GPT-2 BPE for tiktoken "
+            f"({type(err).__name__}: {err}). Offline, set TIKTOKEN_CACHE_DIR to a folder holding "
+            "tiktoken's cached GPT-2 files (for example ../shared/data/tiktoken_cache)."
+        ) from None
+
+
+def encode(text: str) -> list[int]:
+    """Tokens of plain text; special-token strings in it are encoded as ordinary text."""
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(tokens) -> str:
+    return get_encoding().decode([int(t) for t in tokens])
