@@ -1,0 +1,258 @@
+"""GPT-2: the model, generation, Hugging Face weights in and out, and its optimizer.
+
+The hot ops (attention, LayerNorm, GELU, AdamW) come from the op set that gpt2/ops.py resolves once,
+at construction, from `GPTConfig.kernels`; nothing here knows which backend runs.
+
+Each block is pre-norm: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual add is carried
+into the next LayerNorm (`add_layer_norm`), so that a fused kernel reads the stream once per sublayer.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2 import ops as ops_module
+from gpt2.tokenizer import EOT_TOKEN, VOCAB_SIZE
+
+HF_MODELS = {  # name -> (n_layer, n_head, n_embd); all have block_size 1024, vocab 50257
+    "gpt2": (12, 12, 768),             # 124M
+    "gpt2-medium": (24, 16, 1024),     # 350M
+    "gpt2-large": (36, 20, 1280),      # 774M
+    "gpt2-xl": (48, 25, 1600),         # 1558M
+}
+# HF stores these as Conv1D, weight (in, out); nn.Linear wants (out, in)
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304            # 50257 padded to a multiple of 128 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    kernels: str = "torch"             # see gpt2/ops.py
+    real_vocab_size: int = VOCAB_SIZE  # ids at or above this are padding: never sampled, never exported
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        self.real_vocab_size = min(self.real_vocab_size, self.vocab_size)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, ops):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_scale = True
+        self.ops = ops
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = self.ops.attention(q, k, v)                                   # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, ops):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_scale = True
+        self.ops = ops
+
+    def forward(self, x):
+        return self.c_proj(self.ops.gelu(self.c_fc(x)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, ops):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, ops)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config, ops)
+        self.ops = ops
+
+    def forward(self, x, pending):
+        """x: the residual stream; pending: the previous sublayer's output, not yet added to it."""
+        x, h = add_layer_norm(self.ops, x, pending, self.ln_1)
+        pending = self.attn(h)
+        x, h = add_layer_norm(self.ops, x, pending, self.ln_2)
+        return x, self.mlp(h)
+
+
+def add_layer_norm(ops, x, delta, ln: nn.LayerNorm):
+    """(x + delta, ln(x + delta)); delta None means there is nothing to add yet."""
+    if delta is None:
+        return x, ops.layer_norm(x, ln.weight, ln.bias, ln.eps)
+    return ops.add_layer_norm(x, delta, ln.weight, ln.bias, ln.eps)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.ops = ops_module.resolve(config.kernels)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scale", False):  # two residual adds per layer
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) int64 -> logits (B, T, vocab_size), and the mean cross-entropy if targets are given."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)        # (B, T, C)
+        pending = None                                                   # sublayer output not yet added
+        for block in self.transformer.h:
+            x, pending = block(x, pending)
+        _, x = add_layer_norm(self.ops, x, pending, self.transformer.ln_f)
+        logits = self.lm_head(x)                                         # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # -----------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, top_k=50, temperature=1.0, generator=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; top_k=1 or temperature=0 is greedy.
+
+        The context is cropped to block_size; padded vocabulary ids are never produced. For a given
+        torch.Generator (on idx's device) the result is deterministic.
+        """
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, : self.config.real_vocab_size].float()  # (B, real_vocab)
+            if temperature == 0 or top_k == 1:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    # -----------------------------------------------------------------------------------------
+    # Hugging Face weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, kernels: str = "torch") -> "GPT":
+        """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or a
+        local directory written by `save_pretrained` (ours or transformers')."""
+        from transformers import GPT2LMHeadModel
+
+        if not os.path.isdir(name_or_dir) and name_or_dir not in HF_MODELS:
+            raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(HF_MODELS)} "
+                             f"or a local directory written by save_pretrained")
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as err:
+            raise RuntimeError(
+                f"could not load {name_or_dir!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "
+                "Offline, pass a local directory written by save_pretrained instead of a hub name."
+            ) from None
+        hf_config = hf.config
+        if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_dir}: activation {hf_config.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
+                           n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
+                           kernels=kernels, real_vocab_size=hf_config.vocab_size)
+        model = cls(config)
+        ours = model.state_dict()
+        theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        missing = set(ours) - set(theirs)
+        if missing:
+            raise ValueError(f"{name_or_dir}: checkpoint lacks {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for key, target in ours.items():
+                source = theirs[key].t() if key.endswith(HF_TRANSPOSED) else theirs[key]
+                assert source.shape == target.shape, f"{key}: {tuple(source.shape)} vs ours {tuple(target.shape)}"
+                target.copy_(source)
+        return model
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads with the same
+        logits (the padded vocabulary rows cut away)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        eot = EOT_TOKEN if EOT_TOKEN < c.real_vocab_size else None
+        hf_config = GPT2Config(vocab_size=c.real_vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                               n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                               tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot)
+        hf = GPT2LMHeadModel(hf_config)
+        theirs = hf.state_dict()
+        with torch.no_grad():
+            for key, source in self.state_dict().items():
+                source = source.detach().float().cpu()
+                if key.endswith(HF_TRANSPOSED):
+                    source = source.t()
+                if key in ("transformer.wte.weight", "lm_head.weight"):
+                    source = source[: c.real_vocab_size]
+                assert theirs[key].shape == source.shape, f"{key}: {tuple(source.shape)} vs HF {tuple(theirs[key].shape)}"
+                theirs[key].copy_(source)
+        hf.save_pretrained(directory)
+
+    # -----------------------------------------------------------------------------------------
+    # optimizer
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cuda", eps=1e-8):
+        """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms undecayed.
+
+        The op set picks the class: torch.optim.AdamW (fused on CUDA) or our FusedAdamW.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer_cls = self.ops.adamw
+        extra = {"fused": True} if optimizer_cls is torch.optim.AdamW and device_type == "cuda" else {}
+        return optimizer_cls(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the matmuls of forward+backward plus 6*L*C*T for attention."""
+        T = seq_len or self.config.block_size
+        n = self.num_params(non_embedding=True)
+        return 6 * n + 6 * self.config.n_layer * self.config.n_embd * T
+
