@@ -180,11 +180,16 @@ class GPT(nn.Module):
         local directory written by `save_pretrained` (ours or transformers')."""
         from transformers import GPT2LMHeadModel
 
-        if not os.path.isdir(name_or_dir) and name_or_dir not in HF_MODELS:
+        # a hub name wins over a folder of the same name (this repository has a gpt2/ package)
+        local = name_or_dir not in HF_MODELS and os.path.isdir(name_or_dir)
+        if local and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+            raise ValueError(f"{name_or_dir} holds no config.json: it is not a directory written by save_pretrained")
+        if not local and name_or_dir not in HF_MODELS:
             raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(HF_MODELS)} "
                              f"or a local directory written by save_pretrained")
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            # the full hub id, so that transformers does not take a gpt2/ folder in the cwd for the model
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir if local else f"openai-community/{name_or_dir}")
         except OSError as err:
             raise RuntimeError(
                 f"could not load {name_or_dir!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "

@@ -1,0 +1,71 @@
+"""Text from GPT-2 weights (Hugging Face hub or a local save_pretrained directory) or a checkpoint.
+
+    python sample.py --init_from gpt2 --prompt "Hello, I'm a language model," --num_samples 5 \
+        --max_new_tokens 30 --top_k 50 --seed 42
+    python sample.py --checkpoint out/ckpt_000500.pt --prompt "ROMEO:"
+    python sample.py --init_from path/to/hf_dir --device cpu
+
+With GPT-2 124M and --seed 42 expect five different, fluent continuations; a model trained for a few
+minutes on tinyshakespeare gives Shakespeare-shaped gibberish.
+"""
+import argparse
+import sys
+
+import torch
+
+from gpt2 import GPT
+from gpt2.ops import KernelsError
+from gpt2.runtime import autocast, pick_device
+from gpt2.tokenizer import decode, encode
+
+
+def load(args, device) -> GPT:
+    if args.checkpoint:
+        from gpt2.checkpoint import load_model
+
+        return load_model(args.checkpoint, device, kernels=args.kernels)
+    return GPT.from_pretrained(args.init_from, kernels=args.kernels).to(device)
+
+
+def sample(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, top_k: int, temperature: float,
+           seed: int, device: torch.device, dtype: str = "float32") -> list[str]:
+    """num_samples continuations of prompt, reproducible for a seed on a given device."""
+    tokens = encode(prompt) or [model.config.real_vocab_size - 1]
+    idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    with autocast(device, dtype):
+        out = model.generate(idx, max_new_tokens, top_k=top_k, temperature=temperature, generator=generator)
+    return [decode(row) for row in out.tolist()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--init_from", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF dir")
+    source.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,")
+    parser.add_argument("--num_samples", type=int, default=5)
+    parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--top_k", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--kernels", default="torch", help="torch | triton | a comma list of ops (see gpt2/ops.py)")
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model = load(args, device)
+        texts = sample(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
+                       args.temperature, args.seed, device, args.dtype)
+    except (KernelsError, ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for text in texts:
+        print(f"> {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The model against independent references: hand-written float64 math, and Hugging Face's GPT-2."""
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2 import GPT, GPTConfig
+from gpt2.model import HF_TRANSPOSED
+
+TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=3, n_embd=48, real_vocab_size=100)
+
+
+def reference_logits(state: dict, config: GPTConfig, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2's forward pass written out in float64 from the state dict alone."""
+    w = {k: v.double() for k, v in state.items()}
+    B, T = idx.shape
+    C, H = config.n_embd, config.n_head
+
+    def ln(x, prefix):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * w[prefix + ".weight"] + w[prefix + ".bias"]
+
+    def linear(x, prefix):
+        return x @ w[prefix + ".weight"].t() + w[prefix + ".bias"]
+
+    x = w["transformer.wte.weight"][idx] + w["transformer.wpe.weight"][:T]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer in range(config.n_layer):
+        p = f"transformer.h.{layer}"
+        q, k, v = linear(ln(x, p + ".ln_1"), p + ".attn.c_attn").split(C, dim=-1)
+        heads = [t.reshape(B, T, H, C // H).permute(0, 2, 1, 3) for t in (q, k, v)]
+        scores = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(C // H)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        y = (scores.softmax(-1) @ heads[2]).permute(0, 2, 1, 3).reshape(B, T, C)
+        x = x + linear(y, p + ".attn.c_proj")
+        h = linear(ln(x, p + ".ln_2"), p + ".mlp.c_fc")
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+        x = x + linear(h, p + ".mlp.c_proj")
+    return ln(x, "transformer.ln_f") @ w["lm_head.weight"].t()
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A small random Hugging Face GPT-2, saved the way the hub's checkpoints are."""
+    config = GPT2Config(vocab_size=211, n_positions=40, n_embd=48, n_layer=3, n_head=4,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # make the biases and norms non-trivial, so that a wrong mapping shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_forward_and_loss_match_float64_reference():
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 100, (3, 29))
+    targets = torch.randint(0, 100, (3, 29))
+    logits, loss = model(idx, targets)
+    expected = reference_logits(model.state_dict(), model.config, idx)
+    assert logits.shape == (3, 29, 128)
+    err = (logits.double() - expected).abs().max().item()
+    assert err < 1e-5, f"logits differ from the float64 reference by {err:.2e}"
+    expected_loss = torch.nn.functional.cross_entropy(expected.view(-1, 128), targets.view(-1))
+    assert abs(loss.item() - expected_loss.item()) < 1e-5
+
+
+def test_initialisation_follows_gpt2():
+    model = GPT(GPTConfig(**{**TINY, "n_embd": 192, "n_head": 3}))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+    scaled = 0.02 / math.sqrt(2 * model.config.n_layer)
+    assert abs(model.transformer.h[1].mlp.c_proj.weight.std().item() - scaled) < 0.1 * scaled
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    model = GPT(GPTConfig(**TINY))
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_from_pretrained_logits_equal_hf(hf_dir):
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(str(hf_dir), kernels="torch").eval()
+    idx = torch.randint(0, 211, (2, 37))
+    with torch.no_grad():
+        err = (model(idx)[0] - hf(idx).logits).abs().max().item()
+    assert err < 1e-4, f"max abs logit difference {err:.2e}"
+    # HF's Conv1D stores (in, out); ours must be the transpose, not a same-shaped accident
+    key = "transformer.h.0." + HF_TRANSPOSED[0]
+    assert torch.equal(model.state_dict()[key], hf.state_dict()[key].t())
+
+
+def test_greedy_generation_equals_hf(hf_dir):
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(str(hf_dir)).eval()
+    idx = torch.randint(0, 211, (2, 5))
+    ours = model.generate(idx, max_new_tokens=12, top_k=1)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+def test_generation_crops_context_to_block_size():
+    model = GPT(GPTConfig(**TINY)).eval()
+    out = model.generate(torch.randint(0, 100, (1, 30)), max_new_tokens=10, top_k=1)
+    assert out.shape == (1, 40)
+
+
+def test_top_k_never_samples_outside_top_k_or_padding(monkeypatch):
+    model = GPT(GPTConfig(**TINY)).eval()
+    scores = torch.randn(128)
+    scores[100:] = 100.0  # padded ids most likely of all: they must still never come out
+    monkeypatch.setattr(model, "forward", lambda idx: (scores.expand(idx.shape[0], idx.shape[1], 128), None))
+    allowed = set(torch.topk(scores[:100], 5).indices.tolist())
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), max_new_tokens=50, top_k=5,
+                         generator=torch.Generator().manual_seed(3))
+    assert set(out[:, 1:].flatten().tolist()) <= allowed
+    full = model.generate(torch.zeros(4, 1, dtype=torch.long), max_new_tokens=50, top_k=None, temperature=5.0)
+    assert full[:, 1:].max().item() < 100
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 100, (3, 4))
+
+    def run(seed):
+        return model.generate(idx, max_new_tokens=20, top_k=50, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_export_round_trip_through_transformers(tmp_path):
+    model = GPT(GPTConfig(**TINY)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "export"))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert hf.config.vocab_size == 100  # the padded rows are cut away
+    back = GPT.from_pretrained(str(tmp_path / "export")).eval()
+    idx = torch.randint(0, 100, (2, 31))
+    with torch.no_grad():
+        ours = model(idx)[0][..., :100]
+        assert (hf(idx).logits - ours).abs().max().item() < 1e-4
+        assert (back(idx)[0] - ours).abs().max().item() < 1e-5
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="gpt2-medium"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, device_type="cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == model.num_params()  # the tied weight once, nothing left out
+
+
+def test_unreachable_hub_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = "from gpt2 import GPT\nGPT.from_pretrained('gpt2')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pass a local directory written by save_pretrained" in result.stderr
