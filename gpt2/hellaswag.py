@@ -1,0 +1,282 @@
+"""HellaSwag: the validation set, two ways of rendering it, and batched scoring with a model.
+
+The data is the original validation file of rowanz/hellaswag (10,042 examples: a context and 4
+endings, one of them right). With no local file it is downloaded once from
+
+    https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl
+
+into $HELLASWAG_CACHE (default ~/.cache/gpt2-triton/hellaswag/). Offline, pass the file itself:
+`eval_hellaswag.py --data FILE`.
+
+    python eval_hellaswag.py --model gpt2                      # completion style, the default
+    python eval_hellaswag.py --model gpt2 --style harness
+    torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --checkpoint log/model_19072.pt
+
+Both styles score every ending by the summed log-likelihood of its tokens given the context; they
+differ in the text and in what acc_norm divides by:
+
+  completion  build-nanogpt's: tokens of `ctx` and of `" " + ending`, tokenized apart and
+              concatenated. acc picks the lowest summed loss, acc_norm the lowest mean loss per
+              ending token. GPT-2 124M: acc 0.2859, acc_norm 0.2955.
+  harness     lm-evaluation-harness's: the query `activity_label + ": " + ctx_a + " " +
+              ctx_b.capitalize()` and the endings cleaned by `harness_preprocess`; the ending's
+              tokens are those of query + " " + ending past the query's own tokens. acc picks the
+              highest summed log-likelihood, acc_norm that divided by the ending's length in
+              characters. GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+
+Ties go to the lower ending index, as torch.argmax and numpy.argmax do.
+
+train.py calls `evaluate` on every rank (it all-reduces the counts); eval_hellaswag.py calls `run`.
+"""
+import json
+import os
+import pathlib
+import re
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gpt2.runtime import all_reduce_sum, autocast, init_distributed, shutdown_distributed
+from gpt2.tokenizer import encode
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+STYLES = ("completion", "harness")
+PAD_MULTIPLE = 64  # sequence lengths are padded up to this, so torch.compile sees a few shapes only
+
+
+# -------------------------------------------------------------------------------------------------
+# data
+
+def cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "gpt2-triton" / "hellaswag"
+    return pathlib.Path(os.environ.get("HELLASWAG_CACHE", default))
+
+
+def download(url: str = URL, directory: pathlib.Path | None = None) -> pathlib.Path:
+    """The file at url, fetched once into directory; the message names --data when offline."""
+    directory = pathlib.Path(directory or cache_dir())
+    path = directory / url.rsplit("/", 1)[-1]
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as err:
+        raise RuntimeError(f"could not download HellaSwag from {url} ({err}). Offline, pass a local "
+                           "copy of hellaswag_val.jsonl with --data FILE (load_examples(path=FILE)).") from None
+    # write then rename: several torchrun ranks may download at once, none may read a partial file
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+    return path
+
+
+def load_examples(path: str | None = None, limit: int | None = None) -> list[dict]:
+    """The validation examples as dicts (ctx, ctx_a, ctx_b, activity_label, endings, label), in file order."""
+    path = pathlib.Path(path) if path else download()
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(examples) >= limit:
+                break
+            if line.strip():
+                examples.append(json.loads(line))
+    return examples
+
+
+# -------------------------------------------------------------------------------------------------
+# rendering: an example -> context tokens, 4 ending token lists, and what acc_norm divides by
+
+@dataclass
+class Rendered:
+    context: list[int]
+    endings: list[list[int]]   # 4 of them; each row scored is context + ending
+    norms: list[float]         # acc_norm divides each ending's log-likelihood by this
+    label: int
+
+
+def render_completion(example: dict) -> Rendered:
+    context = encode(example["ctx"])
+    endings = [encode(" " + ending) for ending in example["endings"]]
+    return Rendered(context, endings, [float(len(e)) for e in endings], int(example["label"]))
+
+
+def harness_preprocess(text: str) -> str:
+    """lm-evaluation-harness's clean-up of HellaSwag text (the brackets are WikiHow artifacts)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def render_harness(example: dict) -> Rendered:
+    query = harness_preprocess(example["activity_label"] + ": " + example["ctx_a"] + " "
+                               + example["ctx_b"].capitalize())
+    choices = [harness_preprocess(ending) for ending in example["endings"]]
+    # the harness moves the query's trailing whitespace into the continuation, then takes the
+    # continuation's tokens as those of the whole string past the query's own tokens
+    stripped = query.rstrip()
+    context = encode(stripped)
+    endings = [encode(stripped + query[len(stripped):] + " " + choice)[len(context):] for choice in choices]
+    return Rendered(context, endings, [float(len(c)) for c in choices], int(example["label"]))
+
+
+def render(example: dict, style: str = "completion") -> Rendered:
+    if style == "completion":
+        return render_completion(example)
+    if style == "harness":
+        return render_harness(example)
+    raise ValueError(f"unknown HellaSwag style {style!r}: choose from {', '.join(STYLES)}")
+
+
+# -------------------------------------------------------------------------------------------------
+# scoring
+
+def collate(rendered: list[Rendered], block_size: int, rows: int | None = None):
+    """Rows of (context + ending) as next-token inputs and targets, right-padded.
+
+    Returns idx (R, T), targets (R, T) and mask (R, T), True where the target is an ending token.
+    Rows longer than block_size + 1 lose their oldest context tokens, as the harness truncates.
+    T is the longest row rounded up to PAD_MULTIPLE (at most block_size) and R is `rows` when
+    given (at least 4 per example): padding rows and columns are masked out, and a causal model's
+    logits at real positions do not depend on them.
+    """
+    token_rows, ending_lens = [], []
+    for r in rendered:
+        for ending in r.endings:
+            if not 0 < len(ending) <= block_size:
+                raise ValueError(f"an ending of {len(ending)} tokens cannot be scored with block_size={block_size}")
+            token_rows.append((r.context + ending)[-(block_size + 1):])
+            ending_lens.append(len(ending))
+    R = rows or len(token_rows)
+    T = min(block_size, -(-max(len(t) - 1 for t in token_rows) // PAD_MULTIPLE) * PAD_MULTIPLE)
+    idx = torch.zeros((R, T), dtype=torch.long)
+    targets = torch.zeros((R, T), dtype=torch.long)
+    mask = torch.zeros((R, T), dtype=torch.bool)
+    for i, (tokens, n_end) in enumerate(zip(token_rows, ending_lens)):
+        row = torch.tensor(tokens)
+        n = len(tokens) - 1
+        idx[i, :n] = row[:-1]
+        targets[i, :n] = row[1:]
+        mask[i, n - n_end:n] = True
+    return idx, targets, mask
+
+
+@torch.no_grad()
+def loglikelihoods(model, rendered: list[Rendered], device, autocast_dtype: str = "float32",
+                   rows: int | None = None) -> torch.Tensor:
+    """(len(rendered), 4) float64 on the CPU: each ending's summed log-probability given its context."""
+    config = _unwrap(model).config
+    idx, targets, mask = collate(rendered, config.block_size, rows)
+    idx, targets, mask = idx.to(device), targets.to(device), mask.to(device)
+    with autocast(device, autocast_dtype):
+        logits, _ = model(idx)                                          # (R, T, vocab)
+    # padded vocabulary ids are no tokens: they get no probability
+    logits = logits[..., : getattr(config, "real_vocab_size", logits.size(-1))]
+    token_ll = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (n_ending_tokens,)
+    row_of_token = mask.nonzero()[:, 0]
+    ll = torch.zeros(mask.size(0), device=token_ll.device).index_add_(0, row_of_token, token_ll)
+    return ll[: 4 * len(rendered)].view(len(rendered), 4).double().cpu()
+
+
+def evaluate(model, examples: list[dict], device, style: str = "completion", batch_size: int = 16,
+             rank: int = 0, world_size: int = 1, autocast_dtype: str = "float32", progress: bool = False) -> dict:
+    """HellaSwag accuracy of model on examples, rank taking examples[rank::world_size].
+
+    Every rank must call it: the counts are summed over the process group when one is initialized.
+    Each forward holds 4 * batch_size rows (short batches are padded), so that with the sequence
+    padding of `collate` a compiled model meets at most block_size / PAD_MULTIPLE shapes (3 for
+    HellaSwag, whose rows have at most 166 tokens). Pass the raw or torch.compile'd model, not the
+    DDP wrapper. The model's train/eval mode is left as it is (GPT has no dropout, and a switch
+    would make torch.compile recompile the training graph).
+
+    Returns {"acc", "acc_norm", "n", "correct", "correct_norm"} over all ranks.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown HellaSwag style {style!r}: choose from {', '.join(STYLES)}")
+    shard = examples[rank::world_size]
+    counts = torch.zeros(3, dtype=torch.long)  # n, correct, correct_norm on this rank
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(shard), desc=f"hellaswag ({style})", unit="ex", dynamic_ncols=True)
+    for start in range(0, len(shard), batch_size):
+        rendered = [render(example, style) for example in shard[start:start + batch_size]]
+        ll = loglikelihoods(model, rendered, device, autocast_dtype, rows=4 * batch_size)    # (b, 4)
+        labels = torch.tensor([r.label for r in rendered])
+        norms = torch.tensor([r.norms for r in rendered], dtype=torch.float64)            # (b, 4)
+        counts[0] += len(rendered)
+        counts[1] += (ll.argmax(dim=1) == labels).sum()
+        counts[2] += ((ll / norms).argmax(dim=1) == labels).sum()
+        if bar is not None:
+            bar.update(len(rendered))
+            bar.set_postfix(acc_norm=f"{counts[2].item() / counts[0].item():.4f}")
+    if bar is not None:
+        bar.close()
+    n, correct, correct_norm = all_reduce_sum(counts.to(device)).tolist()
+    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n,
+            "correct": correct, "correct_norm": correct_norm}
+
+
+def _unwrap(model):
+    """The GPT inside torch.compile's and DDP's wrappers, for its config."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# -------------------------------------------------------------------------------------------------
+# the command line (eval_hellaswag.py parses its flags into this)
+
+@dataclass
+class EvalConfig:
+    model: str | None = None          # "gpt2", ..., or a local save_pretrained directory
+    checkpoint: str | None = None     # a checkpoint written by train.py
+    data: str | None = None           # local hellaswag_val.jsonl; downloaded when None
+    style: str = "completion"
+    limit: int | None = None          # the first N examples only
+    batch_size: int = 16              # examples per forward (4 rows each)
+    device: str = "auto"
+    dtype: str = "float32"            # autocast dtype of the forward pass
+    kernels: str = "torch"
+    compile: bool = False
+    out: str | None = None            # JSON file for {"acc", "acc_norm", "n", "style", "model"}
+
+
+def load_model(config: EvalConfig, device):
+    """The model to score: HF GPT-2 weights (--model) or one of train.py's checkpoints (--checkpoint)."""
+    if (config.model is None) == (config.checkpoint is None):
+        raise ValueError("give exactly one of --model and --checkpoint")
+    if config.checkpoint is not None:
+        from gpt2.checkpoint import load_model as load_checkpoint  # lazy: only this branch needs it
+
+        return load_checkpoint(config.checkpoint, device, config.kernels)
+    from gpt2.model import GPT
+
+    return GPT.from_pretrained(config.model, kernels=config.kernels).to(device)
+
+
+def run(config: EvalConfig) -> dict:
+    """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary."""
+    ddp, device = init_distributed(config.device)
+    try:
+        model = load_model(config, device)
+        if config.compile:
+            # static shapes: evaluate pads every batch to one of a few (rows, T) shapes
+            model = torch.compile(model, dynamic=False)
+        examples = load_examples(config.data, config.limit)
+        result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,
+                          ddp.world_size, config.dtype, progress=ddp.is_main)
+        summary = {"acc": result["acc"], "acc_norm": result["acc_norm"], "n": result["n"],
+                   "style": config.style, "model": config.model or config.checkpoint}
+        if ddp.is_main:
+            print(json.dumps(summary))
+            if config.out:
+                pathlib.Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+                pathlib.Path(config.out).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        shutdown_distributed()
