@@ -1,0 +1,478 @@
+"""Flash attention (forward and backward) in Triton, causal or not, for q, k, v of shape (B, H, T, D).
+
+    from kernels import flash_attention
+    y = flash_attention(q, k, v, causal=True)           # (B, H, T, D)
+
+Forward, one program per (query block, batch*head): one pass over the key/value blocks with an online
+softmax, never materialising the T x T matrix. With S = sm_scale * Q K^T, per query row i:
+
+    m_i = max_j S_ij,   l_i = sum_j exp(S_ij - m_i),   O_i = sum_j exp(S_ij - m_i) V_j / l_i
+
+m and l are updated block by block in fp32 (the accumulator is rescaled by exp(m_old - m_new)). The
+scores are kept in base 2: log2(e) is folded into the scale so that every exponential is an exp2.
+The row's log-sum-exp, LSE_i = m_i + log2(l_i) (base 2, in units of S * log2 e), is saved for backward.
+
+Backward, with P = exp2(S log2 e - LSE) recomputed block by block from Q, K and LSE:
+
+    dV = P^T dO                   dP = dO V^T
+    dS = P * (dP - delta),        delta_i = rowsum(dO * O)_i  (= rowsum(P * dP)_i, a preprocessing pass)
+    dQ = sm_scale * dS K          dK = sm_scale * dS^T Q
+
+dK and dV are accumulated by one program per key block (looping over query blocks), dQ by another
+kernel with one program per query block (looping over key blocks). Every gradient element is
+written by exactly one program, with no atomics, so dq, dk and dv are bitwise deterministic; the
+price is computing P and dP twice (once per kernel).
+
+Causal blocks above the diagonal are never visited (loop bounds). Blocks that are entirely below
+the diagonal and inside T run unmasked; only the diagonal blocks and the ragged last block of T
+pay for a mask.
+
+Layout: q, k, v may be any strided views whose last dimension is contiguous -- in the model they are
+slices of one (B, T, 3C) tensor, read in place. The output and the gradients are allocated with the
+memory layout (B, T, H, D) and returned as (B, H, T, D) views of it (strides (T*H*D, D, H*D, 1)), so
+the model's `y.transpose(1, 2).contiguous()` costs nothing.
+
+Design limits: self-attention only (q, k, v share B, H, T); head dim a power of two from 16 to 128;
+fp16 and bf16 on the GPU (fp32 works too, with Triton's default TF32 dot products there); fp32 or
+fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each. Block sizes are
+autotuned per (T rounded up to a power of two, D, causal, dtype): generation, where T grows by one
+per token, tunes once per octave of T, not once per token.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = math.log2(math.e)
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning
+
+
+def _configs(block_a, block_b, divides):
+    """Block-size configs for one kernel. block_a is the size of the block a program owns, block_b
+    the size of the blocks it loops over; `divides(a, b)` says which pairs keep the causal diagonal
+    aligned (the diagonal stage steps by the smaller block inside the larger one). The interpreter
+    gets one small config: autotuning there would only be slow, and small blocks exercise the
+    multi-block and ragged paths at the tiny T the tests use."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_A": block_a[0], "BLOCK_B": block_b[0]}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=warps, num_stages=stages)
+        for a in block_a[1:]
+        for b in block_b[1:]
+        for warps in (4, 8)
+        for stages in (2, 3, 4)
+        if divides(a, b)
+    ]
+
+
+# forward and dq: a program owns BLOCK_A queries and steps over keys by BLOCK_B (BLOCK_B | BLOCK_A);
+# dk/dv: a program owns BLOCK_A keys and steps over queries by BLOCK_B (BLOCK_B | BLOCK_A).
+# The first entry of each tuple is the interpreter's block size.
+_FWD_CONFIGS = _configs((32, 64, 128), (16, 32, 64, 128), lambda a, b: a % b == 0)
+_DQ_CONFIGS = _configs((32, 64, 128), (16, 32, 64), lambda a, b: a % b == 0)
+_DKDV_CONFIGS = _configs((32, 64, 128), (16, 32, 64), lambda a, b: a % b == 0)
+_TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tensors' dtypes
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+    """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if BOUNDS:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=(offs_n < T)[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=(offs_n < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                             # (BLOCK_M, BLOCK_N), base 2
+        if CAUSAL_MASK:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        if BOUNDS:
+            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,                                   # q, k, v, o: (B, H, T, D) strided; LSE: (B, H, T) fp32
+    stride_qb, stride_qh, stride_qt,                   # the last dimension of q, k, v, o is contiguous
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T, T_BUCKET, qk_scale,                          # T_BUCKET: the autotuning key, next_power_of_2(T)
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # queries per program, keys per step
+):
+    BLOCK_M: tl.constexpr = BLOCK_A
+    BLOCK_N: tl.constexpr = BLOCK_B
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks have the most work: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < T)[:, None], other=0.0)
+
+    # m starts finite so that a row with no visible key in a block never computes -inf - (-inf)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:  # keys below this query block, then the diagonal block (masked), nothing above
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                   0, start_m, T, qk_scale, BLOCK_N, False, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True, True)
+    else:  # whole key blocks, then the ragged last one (masked)
+        t_whole = T // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                   0, t_whole, T, qk_scale, BLOCK_N, False, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                                   t_whole, T, T, qk_scale, BLOCK_N, False, True)
+
+    o = acc / l_i[:, None]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
+    tl.store(LSE + off_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_delta(
+    O, DO, DELTA,                                      # o, do: (B, H, T, D) strided; DELTA: (B, H, T) fp32
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (offs_m < T)[:, None]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, lo, hi, T,
+                qk_scale, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+    """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
+    rows are keys, columns queries)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if BOUNDS:  # a query row past T gets LSE = +inf, hence P = 0: it adds nothing
+            rows = offs_m < T
+            q = tl.load(q_ptrs + start_m * stride_qt, mask=rows[:, None], other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dot, mask=rows[:, None], other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))
+            delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
+        else:
+            q = tl.load(q_ptrs + start_m * stride_qt)
+            do = tl.load(do_ptrs + start_m * stride_dot)
+            lse = tl.load(lse_ptr + offs_m)
+            delta = tl.load(delta_ptr + offs_m)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if CAUSAL_MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA,                   # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,                # dk and dv share one layout
+    H, T, T_BUCKET, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # keys per program, queries per step
+):
+    BLOCK_N: tl.constexpr = BLOCK_A
+    BLOCK_M: tl.constexpr = BLOCK_B
+    pid_n = tl.program_id(0)  # causal: the first key blocks have the most work and already start first
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    cols = (offs_n < T)[:, None]
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=cols, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=cols, other=0.0)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    lse_ptr = LSE + off_bh.to(tl.int64) * T
+    delta_ptr = DELTA + off_bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    t_whole = T // BLOCK_M * BLOCK_M
+    if CAUSAL:  # the diagonal block (masked), then the query blocks below it; none above
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, BLOCK_M, True, True)
+        lo = start_n + BLOCK_N
+    else:
+        lo = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
+                         lo, t_whole, T, qk_scale, BLOCK_M, False, False)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
+                         tl.maximum(lo, t_whole), T, T, qk_scale, BLOCK_M, False, True)
+
+    out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+    """Adds the contributions of key blocks [lo, hi) to one query block's dq."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if BOUNDS:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=(offs_n < T)[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=(offs_n < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if CAUSAL_MASK:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        if BOUNDS:  # a zero key past T would still get P = exp2(-LSE), which can overflow
+            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA,                       # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, T, T_BUCKET, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # queries per program, keys per step
+):
+    BLOCK_M: tl.constexpr = BLOCK_A
+    BLOCK_N: tl.constexpr = BLOCK_B
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks have the most work: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    rows = offs_m < T
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=rows[:, None], other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                       0, start_m, T, qk_scale, BLOCK_N, False, False)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True, True)
+    else:
+        t_whole = T // BLOCK_N * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                       0, t_whole, T, qk_scale, BLOCK_N, False, False)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
+                       t_whole, T, T, qk_scale, BLOCK_N, False, True)
+
+    out = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+    tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers, registered as custom ops so that torch.compile traces them without graph breaks
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _empty_bthd(like):
+    """A (B, H, T, D) tensor whose memory is laid out (B, T, H, D), as the model wants it back."""
+    B, H, T, D = like.shape
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
+
+
+def _bht(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"flash_attention wants q, k, v of one shape (B, H, T, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention wants one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"flash_attention supports head dims 16, 32, 64, 128, got {D}")
+
+
+@triton_op("gpt2::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (B, H, T, D) in (B, T, H, D) memory, lse (B, H, T) fp32 in base 2."""
+    _check(q, k, v)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    B, H, T, D = q.shape
+    o = _empty_bthd(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_A"]), B * H)
+
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
+        H, T, triton.next_power_of_2(T), sm_scale * _LOG2E,
+        HEAD_DIM=D, CAUSAL=causal,
+    )
+    return o, lse
+
+
+@triton_op("gpt2::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, causal: bool,
+                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each (B, H, T, D) in (B, T, H, D) memory."""
+    do = _last_dim_contiguous(do)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    B, H, T, D = q.shape
+    delta = torch.empty_like(lse)
+    dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
+    block_delta = 32 if _INTERPRET else 128
+    wrap_triton(_bwd_delta)[(triton.cdiv(T, block_delta), B * H)](
+        o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_A"]), B * H)
+
+    qk_scale = sm_scale * _LOG2E
+    t_bucket = triton.next_power_of_2(T)
+    wrap_triton(_attn_bwd_dkdv)[grid](
+        q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
+        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
+    )
+    wrap_triton(_attn_bwd_dq)[grid](
+        q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
+        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("gpt2::flash_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public
+
+
+def attention_ref(q, k, v, causal=True, sm_scale=None, upcast=True):
+    """Explicit-softmax attention in PyTorch, the reference for tests (upcast: compute in float64)."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    T = q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    s = (q @ k.transpose(-2, -1)) * scale                                  # (B, H, T, T)
+    if causal:
+        visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~visible, float("-inf"))
+    y = torch.softmax(s, dim=-1) @ v                                       # (B, H, T, D)
+    return y if upcast else y.to(dtype)
+
+
+def flash_attention(q, k, v, causal=True, sm_scale=None):
+    """softmax(sm_scale * q k^T (+ causal mask)) v for q, k, v (B, H, T, D); sm_scale defaults to 1/sqrt(D).
+
+    Returns (B, H, T, D) whose memory is laid out (B, T, H, D): `.transpose(1, 2)` of it is contiguous.
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    o, _ = _flash_attention_fwd(q, k, v, causal, float(sm_scale))
+    return o
