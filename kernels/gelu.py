@@ -1,0 +1,88 @@
+"""GELU with the tanh approximation GPT-2 uses (F.gelu(x, approximate="tanh")), forward and backward.
+
+    y = gelu(x)          # any shape, fp32 / fp16 / bf16; math in fp32
+
+With u = k0 * (x + k1 * x^3), k0 = sqrt(2 / pi), k1 = 0.044715:
+    y = 0.5 * x * (1 + tanh(u)) = x * sigmoid(2u)          (0.5 * (1 + tanh(u)) = sigmoid(2u))
+    dy/dx = s + x * s * (1 - s) * 2 * du/dx,  s = sigmoid(2u),  du/dx = k0 * (1 + 3 * k1 * x^2)
+The sigmoid form has no cancellation near x = 0 and saturates cleanly for large |x|.
+
+Design: elementwise over the flattened tensor, BLOCK elements per program, int64 offsets (a tensor
+may pass 2**31 elements). The backward keeps x (not y) and recomputes s: one read of x and dy, one
+write of dx. Non-contiguous inputs are copied to contiguous first. No double backward.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK = 2048       # elements per program: 16 per thread at 4 warps, several 16-byte loads in flight
+NUM_WARPS = 4
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)   # constexpr: a jit function may read only constexpr globals
+COEFF = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _sigmoid_2u(x):
+    """sigmoid(2u), with u the tanh argument of GELU; x in fp32."""
+    u = SQRT_2_OVER_PI * (x + COEFF * x * x * x)
+    e = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: no overflow for large |x|
+    return tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _gelu_fwd_kernel(X, Y, n_elements, BLOCK: tl.constexpr):   # X, Y: (n_elements,) contiguous
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offsets, (x * _sigmoid_2u(x)).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(X, DY, DX, n_elements, BLOCK: tl.constexpr):   # X, DY, DX: (n_elements,) contiguous
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = _sigmoid_2u(x)
+    du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * COEFF * x * x)
+    dx = dy * (s + 2.0 * x * s * (1.0 - s) * du_dx)
+    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, out_like: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """Runs an elementwise kernel over contiguous copies of inputs; the result is shaped like out_like."""
+    inputs = [t.contiguous() for t in inputs]
+    out = torch.empty(out_like.shape, dtype=out_like.dtype, device=out_like.device)
+    n = out.numel()
+    if n > 0:
+        wrap_triton(kernel)[(triton.cdiv(n, BLOCK),)](*inputs, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+@triton_op("gpt2::gelu_fwd", mutates_args={})
+def _gelu_fwd(x: torch.Tensor) -> torch.Tensor:
+    return _launch(_gelu_fwd_kernel, x, x)
+
+
+@triton_op("gpt2::gelu_bwd", mutates_args={})
+def _gelu_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return _launch(_gelu_bwd_kernel, x, x, dy)
+
+
+def _setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return _gelu_bwd(x, dy)
+
+
+_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation; y has x's shape and dtype."""
+    return _gelu_fwd(x)

@@ -1,0 +1,57 @@
+"""Launch sizes for row-wise kernels (one reduction per row of a (rows, C) matrix): LayerNorm and kin.
+
+A row-wise kernel keeps a whole row in registers, so its tile is (BLOCK_M rows, BLOCK_N >= C columns),
+and the shapes it meets vary in one number only, the row length C. That makes autotuning pointless
+(STYLE.md rule 4): the tile and the warp count follow from C here, in one place.
+
+    cfg = row_config(n_cols)          # cfg.block_n, cfg.block_m, cfg.num_warps
+    grid = persistent_programs(device, n_tiles)
+
+Design limit: a row of at most MAX_COLS elements (fp32 in registers: 16k columns need 16 warps at
+32 registers a thread per live row tensor); longer rows would need a loop over column blocks.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_COLS = 16384
+TILE_ELEMENTS = 4096   # elements a program keeps per live tensor: short rows are packed BLOCK_M at a time
+MAX_WARPS = 16
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    block_n: int      # columns of the tile: next power of two >= C
+    block_m: int      # rows of the tile: several short rows per program, so each program moves enough bytes
+    num_warps: int
+
+
+def row_config(n_cols: int) -> RowConfig:
+    if n_cols > MAX_COLS:
+        raise ValueError(f"row-wise kernels take rows of at most {MAX_COLS} elements, got {n_cols}")
+    block_n = triton.next_power_of_2(max(n_cols, 1))
+    block_m = max(1, TILE_ELEMENTS // block_n)
+    # about 16 fp32 elements per thread per live tensor: enough bytes in flight, no register spills
+    num_warps = min(MAX_WARPS, max(4, block_m * block_n // 512))
+    return RowConfig(block_n=block_n, block_m=block_m, num_warps=num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, n_tiles: int, per_sm: int = 4) -> int:
+    """Programs for a kernel that loops over tiles (a fixed grid keeps a reduction's order fixed).
+
+    On the GPU: `per_sm` programs per multiprocessor, enough to hide memory latency while the
+    per-program partial sums stay a small fraction of the traffic. Elsewhere (the interpreter) a few.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        programs = per_sm * _multiprocessors(index)
+    else:
+        programs = 4
+    return max(1, min(n_tiles, programs))

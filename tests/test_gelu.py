@@ -1,0 +1,90 @@
+"""kernels/gelu.py against a float64 reference, forward and gradient, at sizes that are not a multiple of the
+block; output buffers poisoned with NaN. Criterion: at most twice PyTorch's own error in the same dtype, plus atol.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import gelu as gelu_module
+from kernels.gelu import BLOCK, gelu
+
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the kernels' launchers allocate starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+def torch_gelu(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def run(fn, x, dy):
+    """(fn(x), d fn(x) / dx . dy)."""
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), x.grad
+
+
+def check(x, dtype):
+    """Non-zero mean, wide range (saturated tails included): values and gradients vs fp64."""
+    x = x.to(dtype)
+    dy = torch.randn_like(x, dtype=torch.float32)
+    got = run(gelu, x, dy)
+    same = run(torch_gelu, x, dy)
+    ref = run(torch_gelu, x.double(), dy)
+    for name, g, t, r in zip(["y", "dx"], got, same, ref):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{name}: {g.dtype} {tuple(g.shape)}"
+        err = (g.double() - r).abs().max().item()
+        torch_err = (t.double() - r).abs().max().item()
+        atol = ATOL[dtype] * max(1.0, r.abs().max().item())
+        assert err <= 2 * torch_err + atol, f"{name}: max error {err:.3e}, PyTorch's {torch_err:.3e}, atol {atol:.1e}"
+
+
+@pytest.mark.parametrize("shape", [(1,), (37, 100), (3, 5, 1000), (2 * BLOCK + 1,), (4097, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu(shape, dtype, device, poison):
+    check(torch.randn(shape, device=device) * 3 + 0.5, dtype)
+
+
+def test_extreme_values(device, poison):
+    x = torch.tensor([-1e4, -50.0, -10.0, -1e-6, 0.0, 1e-6, 10.0, 50.0, 1e4], device=device)
+    check(x, torch.float32)
+
+
+def test_non_contiguous(device, poison):
+    x = (torch.randn(300, 7, device=device) * 3).t()[:, ::2]   # (7, 150), strides (1, 14)
+    check(x, torch.float32)
+
+
+def test_empty(device):
+    x = torch.empty(0, 5, device=device, requires_grad=True)
+    y = gelu(x)
+    y.sum().backward()
+    assert y.shape == (0, 5) and x.grad.shape == (0, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_sizes(dtype, device, poison):
+    check(torch.randn(4, 1024, 3072, device=device) * 3 + 0.5, dtype)
+    check(torch.randn(1_000_003, device=device) * 3, dtype)
+
+
+@pytest.mark.gpu
+def test_opcheck(device):
+    torch.library.opcheck(gelu_module._gelu_fwd, (torch.randn(37, 100, device=device, requires_grad=True),))
+
+
+@pytest.mark.gpu
+def test_compiles_without_graph_break(device):
+    x = torch.randn(4, 33, 3072, device=device, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    compiled = torch.compile(lambda t: gelu(t) * 2, fullgraph=True)
+    for got, want in zip(run(compiled, x, dy), run(lambda t: gelu(t) * 2, x, dy)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,179 @@
+"""kernels/layernorm.py against a float64 reference: layer_norm and the fused add_layer_norm, forward and every
+gradient, at odd shapes; output buffers poisoned with NaN so that an element the kernel skips shows up.
+
+Criterion, fair to low precision: the kernel's max error against fp64 is at most twice PyTorch's own op's
+error in the same dtype, plus a small atol relative to the size of the values.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import layernorm
+from kernels.layernorm import add_layer_norm, layer_norm, layer_norm_ref
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# (shape of x, dtype): C = 100 .. 1600, row counts 1, 37, 15, 4097; big row counts only with small C
+CASES = [
+    ((1, 768), torch.float32),
+    ((37, 1000), torch.float16),
+    ((3, 5, 1600), torch.float32),
+    ((3, 5, 1600), torch.float16),
+    ((4097, 100), torch.float32),
+]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every buffer the kernels' launchers allocate starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
+def make_inputs(shape, dtype, device, n=1):
+    """n inputs of x's shape with non-zero mean and scale, then weight and bias; all require grad."""
+    C = shape[-1]
+    xs = [torch.randn(shape, device=device) * 2.5 + 1.5 for _ in range(n)]
+    weight = torch.randn(C, device=device) * 0.5 + 1.0
+    bias = torch.randn(C, device=device) * 0.5
+    return [t.to(dtype).requires_grad_() for t in (*xs, weight, bias)]
+
+
+def run(fn, inputs, grads):
+    """Outputs of fn(*inputs) followed by the gradients of every input, for the given output gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+def as_f64(inputs):
+    return [t.detach().double() for t in inputs]
+
+
+def assert_fair(names, got, torch_same_dtype, ref64, dtype):
+    for name, g, t, r in zip(names, got, torch_same_dtype, ref64):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{name}: {g.dtype} {tuple(g.shape)} vs {t.dtype} {tuple(t.shape)}"
+        err = (g.double() - r).abs().max().item()
+        torch_err = (t.double() - r).abs().max().item()
+        atol = ATOL[dtype] * max(1.0, r.abs().max().item())
+        assert err <= 2 * torch_err + atol, f"{name}: max error {err:.3e}, PyTorch's {torch_err:.3e}, atol {atol:.1e}"
+
+
+def torch_add_layer_norm(x, delta, weight, bias, eps=1e-5):
+    s = x + delta
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def check_layer_norm(shape, dtype, device):
+    inputs = make_inputs(shape, dtype, device)
+    grads = [torch.randn(shape, device=device)]
+    got = run(layer_norm, inputs, grads)
+    same = run(lambda x, w, b: F.layer_norm(x, (shape[-1],), w, b), inputs, grads)
+    ref = run(lambda x, w, b: F.layer_norm(x, (shape[-1],), w, b), as_f64(inputs), grads)
+    assert_fair(["y", "dx", "dweight", "dbias"], got, same, ref, dtype)
+
+
+def check_add_layer_norm(shape, dtype, device):
+    inputs = make_inputs(shape, dtype, device, n=2)
+    grads = [torch.randn(shape, device=device), torch.randn(shape, device=device)]
+    got = run(add_layer_norm, inputs, grads)
+    same = run(torch_add_layer_norm, inputs, grads)
+    ref = run(torch_add_layer_norm, as_f64(inputs), grads)
+    assert_fair(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, same, ref, dtype)
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_layer_norm(shape, dtype, device, poison):
+    check_layer_norm(shape, dtype, device)
+
+
+@pytest.mark.parametrize("shape,dtype", CASES)
+def test_add_layer_norm(shape, dtype, device, poison):
+    check_add_layer_norm(shape, dtype, device)
+
+
+def test_without_bias(device, poison):
+    x, weight, _ = make_inputs((7, 300), torch.float32, device)
+    grads = [torch.randn(7, 300, device=device)]
+    got = run(lambda x, w: layer_norm(x, w, None), [x, weight], grads)
+    ref = run(lambda x, w: F.layer_norm(x, (300,), w, None), as_f64([x, weight]), grads)
+    for name, g, r in zip(["y", "dx", "dweight"], got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+def test_non_contiguous(device, poison):
+    """A transposed x (column stride != 1) and a row-strided slice of a wider tensor."""
+    transposed = (torch.randn(200, 9, device=device) * 2 + 1).t()     # (9, 200)
+    sliced = (torch.randn(9, 260, device=device) * 2 + 1)[:, 30:230]  # (9, 200), row stride 260
+    weight, bias = torch.randn(200, device=device), torch.randn(200, device=device)
+    grads = [torch.randn(9, 200, device=device), torch.randn(9, 200, device=device)]
+    got = run(add_layer_norm, [transposed, sliced, weight, bias], grads)
+    ref = run(torch_add_layer_norm, as_f64([transposed, sliced, weight, bias]), grads)
+    for name, g, r in zip(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+def test_weight_grads_are_deterministic(device):
+    inputs = make_inputs((1000, 100), torch.float32, device, n=2)
+    grads = [torch.randn(1000, 100, device=device), torch.randn(1000, 100, device=device)]
+    first = run(add_layer_norm, inputs, grads)
+    second = run(add_layer_norm, inputs, grads)
+    assert torch.equal(first[-2], second[-2]) and torch.equal(first[-1], second[-1])
+
+
+def test_bad_shapes_are_clear_errors(device):
+    x = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match="weight and bias"):
+        layer_norm(x, torch.ones(63, device=device), torch.zeros(64, device=device))
+    with pytest.raises(ValueError, match="delta"):
+        add_layer_norm(x, torch.randn(1, 64, device=device), torch.ones(64, device=device), None)
+    with pytest.raises(ValueError, match="at most"):
+        big = torch.randn(1, 1 << 15, device=device)
+        layer_norm(big, torch.ones(1 << 15, device=device), None)
+
+
+def test_reference_upcasts():
+    x = torch.randn(3, 50, dtype=torch.float16) * 4 + 2
+    w, b = torch.randn(50, dtype=torch.float16), torch.randn(50, dtype=torch.float16)
+    y = layer_norm_ref(x, w, b)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), F.layer_norm(x.float(), (50,), w.float(), b.float()), atol=2e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16, full GPT-2 sizes, the compile path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4097, 768), (2, 1024, 1600), (37, 8192), (3, 16384)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_sizes(shape, dtype, device, poison):
+    check_layer_norm(shape, dtype, device)
+    check_add_layer_norm(shape, dtype, device)
+
+
+@pytest.mark.gpu
+def test_opcheck(device):
+    """Schema, fake tensor and autograd registration (opcheck runs real kernels: GPU only)."""
+    x, delta, w, b = make_inputs((37, 768), torch.float32, device, n=2)
+    torch.library.opcheck(layernorm._layer_norm_fwd, (x, w, b, 1e-5))
+    torch.library.opcheck(layernorm._add_layer_norm_fwd, (x, delta, w, b, 1e-5))
+
+
+@pytest.mark.gpu
+def test_compiles_without_graph_break(device):
+    x, delta, w, b = make_inputs((4, 33, 768), torch.bfloat16, device, n=2)
+
+    def block(x, delta, w, b):
+        s, y = add_layer_norm(x, delta, w, b)
+        return s + layer_norm(y, w, b)
+
+    compiled = torch.compile(block, fullgraph=True)
+    grads = [torch.randn(4, 33, 768, device=device)]
+    for got, want in zip(run(compiled, [x, delta, w, b], grads), run(block, [x, delta, w, b], grads)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
