@@ -1,0 +1,308 @@
+"""The distributed loader over token shards (written by prepare_data.py, see gpt2/shards.py).
+
+    loader = ShardLoader("data/edu_fineweb10B", "train", batch_size=16, block_size=1024,
+                         rank=ddp.rank, world_size=ddp.world_size)
+    x, y = loader.next_batch()          # (B, T) int64 CPU tensors; y is x shifted by one token
+
+The shards of a split, in order, form one token stream. Each step takes the next B*T*world_size
+tokens of it (plus one, for the last target): rank r gets the r-th slice of B*T (+1) tokens, so the
+ranks read disjoint tokens and together cover every token of an epoch once (the last, partial step
+of an epoch is dropped). A step may span shards. Shards are read through np.load(mmap_mode="r"), so
+memory stays flat whatever their size.
+
+Epochs: over a complete folder (the producer's DONE marker is there, or the folder holds shards made
+elsewhere without meta.json) the loader cycles, optionally shuffling the shard order of each epoch
+with `shuffle_seed`. While prepare_data.py is still writing (meta.json but no DONE), the loader waits
+for the next train shard instead of ending the epoch, with a message after `warn_after` seconds.
+
+Deleting consumed shards (train.py --delete_consumed_shards, with prepare_data.py
+--max_shards_on_disk K running beside it): build the train loader with delete_consumed=True; it then
+makes one pass and raises StopIteration at the end of the stream. After each optimizer step, on
+EVERY rank:
+
+    if loader.delete_consumed:
+        if ddp.enabled:
+            torch.distributed.barrier()      # every rank has finished its reads of this step
+        loader.delete_finished_shards()      # rank 0 deletes the shards all ranks are past; others no-op
+
+All ranks stand at the same position, and a step never reads behind it, so no rank ever opens a
+deleted shard. state_dict()/load_state_dict() resume at the exact token; the checkpoint stays valid
+after its shards were deleted, because a resumed loader never looks behind its position.
+"""
+import os
+import pathlib
+
+import numpy as np
+import torch
+
+from gpt2.shards import (  # noqa: F401  (ensure_shakespeare and prepare_shakespeare are re-exported for train.py)
+    SPLITS, delete_consumed_shards, ensure_shakespeare, prepare_shakespeare, read_consumed, read_done,
+    read_meta, shard_name, wait_until,
+)
+
+
+class ShardLoader:
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, *,
+                 shuffle_seed=None, delete_consumed=False, warn_after=60.0):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.dir = pathlib.Path(data_dir)
+        self.split, self.B, self.T = split, batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_seed, self.delete_consumed, self.warn_after = shuffle_seed, delete_consumed, warn_after
+        if not self.dir.is_dir():
+            raise FileNotFoundError(
+                f"data folder {self.dir} does not exist: make it with prepare_data.py "
+                "(python prepare_data.py shakespeare --out DIR, or python prepare_data.py fineweb --out DIR)"
+            )
+        self.meta = read_meta(self.dir)
+        self._lengths = {}      # shard name -> tokens
+        self._mmaps = {}        # shard name -> open memmap, only the few around the position
+        self._refresh()
+        self._check_options()
+        if self._complete:
+            self._check_complete_split()
+        self.reset()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.B * self.T * self.world_size
+
+    # ------------------------------------------------------------------ public API
+
+    def reset(self) -> None:
+        """Back to the first token of epoch 0 (for validation: the same batches at every eval)."""
+        self._set_position(epoch=0, k=0, offset=0)
+
+    def next_batch(self):
+        """(x, y) int64 (B, T) tensors. StopIteration only at the end of a delete_consumed pass."""
+        step = self.tokens_per_step
+        if self._locate(self.k, self.offset, step + 1) is None:
+            at_start = self.k == 0 and self.offset == 0
+            if at_start:
+                raise ValueError(self._too_small_message())
+            if self.delete_consumed:
+                raise StopIteration
+            self._set_position(self.epoch + 1, 0, 0)
+            if self._locate(0, 0, step + 1) is None:
+                raise ValueError(self._too_small_message())
+        k, offset = self._locate(self.k, self.offset, self.rank * self.B * self.T)
+        buf = self._read(k, offset, self.B * self.T + 1)
+        self.k, self.offset = self._locate(self.k, self.offset, step)
+        self._evict_before(self.k)
+        buf = torch.from_numpy(buf)
+        x = buf[:-1].view(self.B, self.T)  # (B, T)
+        y = buf[1:].view(self.B, self.T)   # (B, T)
+        return x, y
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {
+            "split": self.split, "epoch": self.epoch, "shard": self.k, "offset": self.offset,
+            "shard_name": self._name_at(self.k), "shuffle_seed": self.shuffle_seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the exact token. Batch size and world size may differ from the saved run's."""
+        for key in ("split", "shuffle_seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {getattr(self, key)!r}")
+        self._set_position(state["epoch"], state["shard"], state["offset"])
+        name = self._name_at(self.k)
+        if state["shard_name"] is not None and name is not None and name != state["shard_name"]:
+            raise ValueError(
+                f"loader state points at shard {state['shard_name']}, but shard {self.k} of epoch "
+                f"{self.epoch} in {self.dir} is {name}: the folder holds other shards than the saved run's"
+            )
+
+    def finished_shards(self) -> list:
+        """Names of the shards of this epoch that every rank is past (no later step reads them)."""
+        end = self.k
+        name = self._name_at(self.k)
+        if self.offset > 0 and self.offset >= self._lengths.get(name, float("inf")):
+            end += 1
+        return [self._name_at(j) for j in range(end)]
+
+    def delete_finished_shards(self) -> list:
+        """With delete_consumed: rank 0 deletes the finished shards (after the trainer's barrier,
+        see the module docstring) and returns their names; other ranks return []."""
+        if not self.delete_consumed or self.rank != 0:
+            return []
+        finished = self.finished_shards()[self._deleted_upto:]
+        names = [n for n in finished if (self.dir / n).exists()]
+        for n in finished:
+            self._mmaps.pop(n, None)
+        delete_consumed_shards(self.dir, names)
+        self._deleted_upto += len(finished)
+        return names
+
+    # ------------------------------------------------------------------ shard list
+
+    def _refresh(self) -> None:
+        """Read the shard list: complete (DONE, or no meta.json) or still being produced."""
+        done = read_done(self.dir)
+        if done is not None:
+            self._names, self._complete = list(done["shards"].get(self.split, [])), True
+        elif self.meta is None:
+            self._names = sorted(p.name for p in self.dir.glob(f"*_{self.split}_*.npy"))
+            self._complete = True
+        else:
+            self._names, self._complete = [], False
+        if self._complete and not self._names:
+            raise FileNotFoundError(
+                f"no {self.split} shards in {self.dir} (files named *_{self.split}_*.npy): "
+                "prepare the data with prepare_data.py"
+            )
+
+    def _check_options(self) -> None:
+        if self.shuffle_seed is not None and not self._complete:
+            raise ValueError(
+                f"shuffling needs every shard, but prepare_data.py has not finished {self.dir} (no DONE "
+                "marker): wait for it, or train without shuffling"
+            )
+        if not self.delete_consumed:
+            return
+        if self.split != "train":
+            raise ValueError("delete_consumed is for the train split only (validation rereads its shards)")
+        if self.meta is None:
+            raise ValueError(f"delete_consumed needs a folder written by prepare_data.py ({self.dir} has no meta.json)")
+        K, S = self.meta.get("max_shards_on_disk"), self.meta.get("shard_size")
+        if K and S:
+            # one step reads tokens_per_step + 1 tokens from wherever the last step ended; every shard it
+            # touches must be on disk at once, or the producer and the trainer wait for each other
+            needed = (S + self.tokens_per_step - 1) // S + 1
+            if K < needed:
+                raise ValueError(
+                    f"one step reads {self.tokens_per_step + 1} tokens, which may span {needed} shards of "
+                    f"{S} tokens, but prepare_data.py keeps at most {K} on disk (--max_shards_on_disk): "
+                    f"use --max_shards_on_disk >= {needed}, larger shards, or smaller batches"
+                )
+
+    def _check_complete_split(self) -> None:
+        """Open every shard still on disk (a bad file fails now, not hours in) and check the size."""
+        consumed = read_consumed(self.dir)
+        total, all_there = 0, True
+        for name in self._names:
+            if name in consumed and not (self.dir / name).exists():
+                all_there = False
+                continue
+            total += len(self._open(name))
+        self._mmaps.clear()
+        if all_there and total < self.tokens_per_step + 1:
+            raise ValueError(self._too_small_message(total))
+
+    def _too_small_message(self, total=None) -> str:
+        have = f"{total} tokens" if total is not None else "too few tokens"
+        return (
+            f"the {self.split} split in {self.dir} has {have}: one step of batch_size={self.B} x "
+            f"block_size={self.T} x world_size={self.world_size} needs {self.tokens_per_step + 1}"
+        )
+
+    def _set_position(self, epoch, k, offset) -> None:
+        self.epoch, self.k, self.offset = epoch, k, offset
+        self._perm = None
+        if self.shuffle_seed is not None:
+            self._perm = np.random.default_rng([self.shuffle_seed, epoch]).permutation(len(self._names))
+        self._mmaps.clear()
+        self._deleted_upto = 0
+
+    def _name_at(self, k):
+        """Name of the k-th shard of this epoch, or None past the split's end (so far as known)."""
+        if self._complete:
+            if k >= len(self._names):
+                return None
+            return self._names[self._perm[k] if self._perm is not None else k]
+        # the producer writes shards in index order: val 0 .. val_shards-1, then train
+        val_shards = self.meta["val_shards"]
+        if self.split == "val":
+            return shard_name(self.meta["name"], "val", k) if k < val_shards else None
+        return shard_name(self.meta["name"], "train", val_shards + k)
+
+    def _length(self, k):
+        """Tokens in the k-th shard; waits for a shard still to come; None past the split's end."""
+        name = self._name_at(k)
+        if name is None:
+            return None
+        if name not in self._lengths:
+            if not self._complete and not (self.dir / name).exists():
+                self._wait_for(name)
+                name = self._name_at(k)
+                if name is None:
+                    return None
+            self._lengths[name] = len(self._open(name))
+        return self._lengths[name]
+
+    def _wait_for(self, name) -> None:
+        """Until the shard exists or the producer has finished (DONE); then reread the shard list."""
+        path = self.dir / name
+        hint = ""
+        if self.meta.get("max_shards_on_disk") and not self.delete_consumed:
+            hint = (f" It keeps at most {self.meta['max_shards_on_disk']} train shards on disk "
+                    "(--max_shards_on_disk) and writes more only when a trainer with --delete_consumed_shards "
+                    "deletes consumed ones.")
+        wait_until(
+            lambda: path.exists() or (self.dir / "DONE").exists(),
+            f"waiting for {path}: {self.dir} has no DONE marker yet, so prepare_data.py should still be "
+            f"writing shards (if it stopped, run it again to finish the folder).{hint}",
+            self.warn_after,
+        )
+        if not path.exists():
+            self._refresh()
+
+    # ------------------------------------------------------------------ reading
+
+    def _open(self, name) -> np.ndarray:
+        if name in self._mmaps:
+            return self._mmaps[name]
+        path = self.dir / name
+        if not path.exists():
+            if name in read_consumed(self.dir):
+                raise FileNotFoundError(
+                    f"{path} was deleted by a trainer with --delete_consumed_shards: resume from that "
+                    "run's checkpoint, or prepare the data again"
+                )
+            raise FileNotFoundError(f"shard {path} is missing")
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a complete .npy token shard ({err})") from None
+        if tokens.ndim != 1 or tokens.dtype != np.uint16:
+            raise ValueError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}; token shards are 1-D uint16")
+        if tokens.offset + tokens.nbytes != os.path.getsize(path):
+            raise ValueError(f"{path} is {os.path.getsize(path)} bytes, not its header plus {len(tokens)} uint16 tokens")
+        self._mmaps[name] = tokens
+        return tokens
+
+    def _evict_before(self, k) -> None:
+        keep = {self._name_at(j) for j in range(k, k + 2)}
+        for name in [n for n in self._mmaps if n not in keep]:
+            del self._mmaps[name]
+
+    def _locate(self, k, offset, n):
+        """The position n tokens after (k, offset), or None if this epoch ends before it."""
+        while True:
+            length = self._length(k)
+            if length is None:
+                return None
+            if offset + n <= length:
+                return k, offset + n
+            n -= length - offset
+            k, offset = k + 1, 0
+
+    def _read(self, k, offset, n) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            tokens = self._open(self._name_at(k))
+            take = min(n - filled, len(tokens) - offset)
+            out[filled:filled + take] = tokens[offset:offset + take]
+            filled += take
+            k, offset = k + 1, 0
+        return out

@@ -1,0 +1,460 @@
+"""Text -> GPT-2 tokens -> token shards on disk: the writer side of gpt2/data.py.
+
+Every document becomes `<|endoftext|>` followed by its tokens (`encode_ordinary`), in input order.
+The token stream is cut into shards: 1-D uint16 `.npy` files named `<name>_{train|val}_{index:06d}.npy`.
+For FineWeb-Edu the first `shard_size` tokens are the validation shard (index 0), as build-nanogpt
+does, and the rest are train shards 1, 2, ...; tinyshakespeare is split 90 % train / 10 % val.
+
+Files in an output folder, besides the shards:
+
+    meta.json      tokenizer, dtype, shard size, source: a rerun with other settings is refused
+    DONE           written last; lists every shard. Without it a producer is (or was) still running,
+                   and the loader waits for more train shards instead of ending the epoch
+    consumed.txt   train shards the trainer deleted (--delete_consumed_shards); a rerun skips them
+
+Every file is written under a temporary name and renamed (os.replace), so a reader never sees half a
+shard and a killed run leaves only complete shards. A rerun tokenizes the stream again, skips the
+shards that are already there (or consumed) and writes the missing ones, byte for byte the same.
+
+With `max_shards_on_disk=K` the producer waits while K train shards are on disk; a trainer that
+deletes consumed shards (ShardLoader(..., delete_consumed=True)) frees room as it goes, so the two
+run side by side through a disk that holds K shards.
+"""
+import csv
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+from gpt2.tokenizer import EOT_TOKEN, encode, get_encoding
+
+META_FILE = "meta.json"
+DONE_FILE = "DONE"
+CONSUMED_FILE = "consumed.txt"
+FORMAT = "gpt2-triton token shards v1"
+SPLITS = ("train", "val")
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
+FINEWEB_CONFIG = "sample-10BT"
+# the settings a rerun must share with the shards already in a folder
+META_KEYS = ("format", "name", "tokenizer", "dtype", "shard_size", "val_shards", "source")
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def shard_name(name: str, split: str, index: int) -> str:
+    return f"{name}_{split}_{index:06d}.npy"
+
+
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    # the pid keeps concurrent writers (every rank calling ensure_shakespeare) off each other's files;
+    # the name does not end in .npy, so no reader globbing for shards ever matches it
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def _write_atomic(path: pathlib.Path, write) -> None:
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_shard(path, tokens: np.ndarray) -> None:
+    """Write a 1-D uint16 token array as .npy, atomically."""
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1 and tokens.dtype == np.uint16, (tokens.shape, tokens.dtype)
+    _write_atomic(pathlib.Path(path), lambda f: np.save(f, tokens, allow_pickle=False))
+
+
+def write_json(path, obj) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    _write_atomic(pathlib.Path(path), lambda f: f.write(data))
+
+
+def read_json(path):
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_meta(folder):
+    return read_json(pathlib.Path(folder) / META_FILE)
+
+
+def read_done(folder):
+    """The DONE marker's content ({"shards": {split: [file names]}, ...}), or None while still producing."""
+    return read_json(pathlib.Path(folder) / DONE_FILE)
+
+
+def read_consumed(folder) -> set:
+    path = pathlib.Path(folder) / CONSUMED_FILE
+    if not path.exists():
+        return set()
+    return set(path.read_text().split())
+
+
+def delete_consumed_shards(folder, names) -> None:
+    """Record the shards as consumed (the producer then skips them on a rerun), then delete them."""
+    if not names:
+        return
+    folder = pathlib.Path(folder)
+    with open(folder / CONSUMED_FILE, "a") as f:
+        f.write("".join(n + "\n" for n in names))
+        f.flush()
+        os.fsync(f.fileno())
+    for n in names:
+        (folder / n).unlink(missing_ok=True)
+
+
+def count_shards(folder, split: str) -> int:
+    return sum(1 for _ in pathlib.Path(folder).glob(f"*_{split}_*.npy"))
+
+
+def _remove_stale_tmp_files(folder: pathlib.Path) -> None:
+    """Temporary files of writers that were killed (their process no longer exists)."""
+    for tmp in folder.glob(".*.tmp.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_until(ready, message: str, warn_after: float = 60.0, max_sleep: float = 2.0) -> None:
+    """Poll `ready()` with a growing sleep; print `message` after warn_after seconds, then every few minutes."""
+    start = last_warn = time.monotonic()
+    warned_once = False
+    sleep = 0.01
+    while not ready():
+        time.sleep(sleep)
+        sleep = min(max_sleep, sleep * 1.5)
+        now = time.monotonic()
+        if now - last_warn >= (300.0 if warned_once else warn_after):
+            print(f"[{now - start:.0f} s] {message}", file=sys.stderr, flush=True)
+            last_warn, warned_once = now, True
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
+    """Refuse a folder that holds shards of other settings; otherwise (re)write meta.json."""
+    old = read_meta(folder)
+    if old is None:
+        foreign = sorted(p.name for p in folder.glob("*.npy"))
+        if foreign:
+            raise ValueError(
+                f"{folder} already holds .npy files ({foreign[0]}, ...) but no {META_FILE}: they were not "
+                "written by prepare_data.py. Use an empty or new --out folder."
+            )
+    else:
+        diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in META_KEYS if old.get(k) != meta.get(k)]
+        if diff:
+            raise ValueError(
+                f"{folder} holds shards made with other settings ({'; '.join(diff)}). "
+                "Use another --out folder, or empty this one to start over."
+            )
+    write_json(folder / META_FILE, meta)
+
+
+def make_meta(name: str, shard_size, val_shards: int, source: str, max_shards_on_disk=None) -> dict:
+    return {
+        "format": FORMAT, "name": name, "tokenizer": get_encoding().name, "dtype": "uint16",
+        "shard_size": shard_size, "val_shards": val_shards, "source": source,
+        "max_shards_on_disk": max_shards_on_disk,
+    }
+
+
+# ----------------------------------------------------------------------------- documents
+
+def tokenize_document(text: str) -> np.ndarray:
+    """<|endoftext|> followed by the document's tokens, as uint16. Runs in the worker processes."""
+    tokens = np.array([EOT_TOKEN] + encode(text), dtype=np.int64)
+    assert tokens.max() < 2**16, "a token id does not fit in uint16"
+    return tokens.astype(np.uint16)
+
+
+def _text_of(row, where: str) -> str:
+    if not isinstance(row, dict) or "text" not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where} has no 'text' field (it has: {keys}); every document needs one")
+    return row["text"]
+
+
+def iter_local_documents(paths):
+    """Texts of local files, in order: .jsonl (one object per line), .parquet and .csv (a `text`
+    column) hold one document per row/line with a `text` field; a .txt file is one document."""
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+        elif suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield _text_of(json.loads(line), f"{path}:{lineno}")
+        elif suffix == ".csv":
+            csv.field_size_limit(2**31 - 1)
+            with open(path, encoding="utf-8", newline="") as f:
+                for rowno, row in enumerate(csv.DictReader(f), 1):
+                    yield _text_of(row, f"{path} row {rowno}")
+        elif suffix == ".parquet":
+            yield from _iter_parquet(path)
+        else:
+            raise ValueError(f"input file {path}: unknown type {suffix!r} (use .jsonl, .parquet, .csv or .txt)")
+
+
+def _iter_parquet(path: pathlib.Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path} has no 'text' column (it has: {pf.schema_arrow.names})")
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        yield from batch.column(0).to_pylist()
+
+
+def iter_hub_documents(dataset: str, config: str, split: str = "train"):
+    """Stream a Hugging Face dataset's `text` column (streaming=True: nothing is downloaded up front).
+
+    Connects and reads the first row at once, so that a missing package or network fails here.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "streaming from the Hugging Face hub needs the `datasets` package: "
+            "pip install datasets (or pip install -e .[data]); or pass local files with --input"
+        ) from None
+    where = f"{dataset} ({config})" if config else dataset
+    try:
+        rows = iter(datasets.load_dataset(dataset, name=config, split=split, streaming=True))
+        first = next(rows, None)
+    except Exception as err:  # requests, huggingface_hub and fsspec each raise their own kinds
+        raise RuntimeError(
+            f"could not stream {where} from the Hugging Face hub ({type(err).__name__}: {err}). "
+            "Without network access, pass local .jsonl/.parquet/.txt files with --input."
+        ) from None
+    return _hub_texts(first, rows, where)
+
+
+def _hub_texts(first, rows, where):
+    if first is None:
+        return
+    yield _text_of(first, f"{where} row 1")
+    for i, row in enumerate(rows, 2):
+        yield _text_of(row, f"{where} row {i}")
+
+
+def describe_local_inputs(paths) -> str:
+    """Names and sizes: a rerun over other files would write other shards, so meta.json records this."""
+    parts = []
+    for path in map(pathlib.Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {path} does not exist")
+        parts.append(f"{path.name}:{path.stat().st_size}")
+    return "files:" + ",".join(parts)
+
+
+# ----------------------------------------------------------------------------- the writer
+
+class ShardWriter:
+    """Cuts a stream of token arrays into shards of exactly `shard_size` tokens (the last one shorter).
+
+    Shards 0 .. val_shards-1 are the val split, the rest train. Shards already on disk or consumed are
+    skipped (a rerun). With max_shards_on_disk, waits before each train shard while that many are there.
+    """
+
+    def __init__(self, folder, name, shard_size, val_shards=1, max_shards_on_disk=None, warn_after=60.0):
+        self.folder, self.name, self.shard_size = pathlib.Path(folder), name, shard_size
+        self.val_shards, self.max_shards_on_disk, self.warn_after = val_shards, max_shards_on_disk, warn_after
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        self.fill = 0
+        self.index = 0
+        self.written, self.skipped = 0, 0
+        self.names = {split: [] for split in SPLITS}
+        self.tokens = {split: 0 for split in SPLITS}
+        self.consumed = read_consumed(self.folder)
+
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            n = min(len(tokens), self.shard_size - self.fill)
+            self.buffer[self.fill:self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == self.shard_size:
+                self._flush()
+
+    def finish(self) -> dict:
+        """Write the last, partial shard and the DONE marker; returns the DONE content."""
+        if self.fill:
+            self._flush()
+        done = {"shards": self.names, "tokens": self.tokens}
+        write_json(self.folder / DONE_FILE, done)
+        return done
+
+    def _flush(self) -> None:
+        split = "val" if self.index < self.val_shards else "train"
+        name = shard_name(self.name, split, self.index)
+        path = self.folder / name
+        if path.exists() or name in self.consumed:
+            self.skipped += 1
+        else:
+            if split == "train" and self.max_shards_on_disk:
+                wait_until(
+                    lambda: count_shards(self.folder, "train") < self.max_shards_on_disk,
+                    f"waiting: {self.max_shards_on_disk} train shards are on disk in {self.folder} "
+                    "(--max_shards_on_disk); a trainer with --delete_consumed_shards frees room as it goes",
+                    self.warn_after,
+                )
+            save_shard(path, self.buffer[:self.fill])
+            self.written += 1
+        self.names[split].append(name)
+        self.tokens[split] += self.fill
+        self.index += 1
+        self.fill = 0
+
+
+def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, workers=1,
+                 max_shards_on_disk=None, progress=True) -> dict:
+    """Tokenize `texts` (an iterable of documents) into shards in `folder`; returns the DONE content."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if max_shards_on_disk is not None and max_shards_on_disk < 2:
+        raise ValueError("max_shards_on_disk must be at least 2: a batch may span two shards")
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    get_encoding()  # a missing BPE fails here, with tiktoken's message, not inside a worker
+    check_or_write_meta(folder, make_meta(name, shard_size, val_shards, source, max_shards_on_disk))
+    _remove_stale_tmp_files(folder)
+    writer = ShardWriter(folder, name, shard_size, val_shards, max_shards_on_disk)
+    bar = _progress_bar(progress)
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context().Pool(workers)
+            token_arrays = pool.imap(tokenize_document, texts, chunksize=16)
+        else:
+            token_arrays = map(tokenize_document, texts)
+        for tokens in token_arrays:
+            writer.add(tokens)
+            if bar is not None:
+                bar.update(len(tokens))
+                bar.set_postfix(shards=writer.written, skipped=writer.skipped, refresh=False)
+        done = writer.finish()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    return done
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="tok", unit_scale=True, desc="tokens", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def prepare_fineweb(out_dir, inputs=None, dataset=FINEWEB_DATASET, config=FINEWEB_CONFIG,
+                    shard_size=100_000_000, workers=1, max_shards_on_disk=None, name="edufineweb",
+                    progress=True) -> dict:
+    """FineWeb-Edu (streamed from the hub) or local text files -> shards; the first shard is val."""
+    if inputs:
+        source = describe_local_inputs(inputs)
+        texts = iter_local_documents(inputs)
+    else:
+        source = f"hub:{dataset}/{config}"
+        texts = iter_hub_documents(dataset, config)
+    return write_shards(texts, out_dir, name, shard_size, source=source, workers=workers,
+                        max_shards_on_disk=max_shards_on_disk, progress=progress)
+
+
+def download_shakespeare(dest, url=SHAKESPEARE_URL) -> pathlib.Path:
+    dest = pathlib.Path(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise RuntimeError(
+            f"could not download tinyshakespeare from {url} ({err}). Offline, pass a local copy: "
+            f"python prepare_data.py shakespeare --input FILE --out {dest.parent}"
+        ) from None
+    _write_atomic(dest, lambda f: f.write(data))
+    return dest
+
+
+def prepare_shakespeare(out_dir, input_file=None, url=SHAKESPEARE_URL) -> dict:
+    """tinyshakespeare as one document: the first 90 % of its tokens are train, the last 10 % val.
+
+    Writes shakespeare_val_000000.npy and shakespeare_train_000001.npy. Downloads the text (karpathy/
+    char-rnn) into out_dir when no input_file is given. Returns the DONE content.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if input_file is None:
+        input_file = out_dir / "input.txt"
+        if not input_file.exists():
+            download_shakespeare(input_file, url)
+    input_file = pathlib.Path(input_file)
+    if not input_file.is_file():
+        raise FileNotFoundError(f"input file {input_file} does not exist")
+    text = input_file.read_text(encoding="utf-8")
+    source = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    check_or_write_meta(out_dir, make_meta("shakespeare", None, 1, source))
+    tokens = tokenize_document(text)
+    n_train = int(0.9 * len(tokens))
+    parts = {"val": (0, tokens[n_train:]), "train": (1, tokens[:n_train])}
+    names = {}
+    for split, (index, part) in parts.items():
+        names[split] = [shard_name("shakespeare", split, index)]
+        if not (out_dir / names[split][0]).exists():
+            save_shard(out_dir / names[split][0], part)
+    done = {"shards": names, "tokens": {split: len(part) for split, (_, part) in parts.items()}}
+    write_json(out_dir / DONE_FILE, done)
+    return done
+
+
+def ensure_shakespeare(data_dir, input_file=None) -> pathlib.Path:
+    """Prepare tinyshakespeare in data_dir unless it is already there (DONE written); returns data_dir.
+
+    Safe to call from every rank at once (all writes are atomic and identical), though calling it on
+    rank 0 before a barrier saves the others the work.
+    """
+    data_dir = pathlib.Path(data_dir)
+    meta = read_meta(data_dir)
+    if read_done(data_dir) is not None and meta is not None and meta.get("name") == "shakespeare":
+        return data_dir
+    prepare_shakespeare(data_dir, input_file)
+    return data_dir

@@ -1,0 +1,68 @@
+"""Text -> GPT-2 token shards for train.py (the work is done by gpt2/shards.py).
+
+    # tinyshakespeare (downloaded from karpathy/char-rnn unless --input is given), 90 % train / 10 % val:
+    python prepare_data.py shakespeare --out data/shakespeare [--input tinyshakespeare.txt]
+    # -> shakespeare_val_000000.npy (33,803 tokens) and shakespeare_train_000001.npy (304,223 tokens)
+
+    # FineWeb-Edu sample-10BT streamed from the Hugging Face hub (pip install -e .[data]):
+    # ~10B tokens in 100 shards of 1e8 tokens (200 MB each); the first shard is val
+    python prepare_data.py fineweb --out data/edu_fineweb10B --workers 16
+    # ... or local .jsonl/.parquet/.csv/.txt files with a `text` field:
+    python prepare_data.py fineweb --out data/mine --input a.jsonl b.parquet --shard_size 1000000
+
+    # a small disk: keep at most 4 train shards on disk; the trainer deletes what it has consumed
+    python prepare_data.py fineweb --out data/edu_fineweb10B --max_shards_on_disk 4 &
+    torchrun --standalone --nproc_per_node=8 train.py --data_dir data/edu_fineweb10B --delete_consumed_shards
+
+Rerunning over an existing output skips the shards already there and writes the same files; an output
+folder holding shards of another tokenizer, shard size or source is refused.
+"""
+import argparse
+import os
+import sys
+
+from gpt2.shards import FINEWEB_CONFIG, FINEWEB_DATASET, prepare_fineweb, prepare_shakespeare
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="dataset", required=True)
+
+    shakespeare = sub.add_parser("shakespeare", help="tinyshakespeare, 90 %% train / 10 %% val")
+    shakespeare.add_argument("--out", required=True, help="output folder")
+    shakespeare.add_argument("--input", default=None, help="local copy of tinyshakespeare (else downloaded)")
+
+    fineweb = sub.add_parser("fineweb", help="FineWeb-Edu from the hub, or local text files")
+    fineweb.add_argument("--out", required=True, help="output folder")
+    fineweb.add_argument("--input", nargs="+", default=None, help="local .jsonl/.parquet/.csv/.txt files instead of the hub")
+    fineweb.add_argument("--dataset", default=FINEWEB_DATASET, help="Hugging Face dataset to stream")
+    fineweb.add_argument("--name", default=FINEWEB_CONFIG, help="its configuration (subset)")
+    fineweb.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
+    fineweb.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
+    fineweb.add_argument("--max_shards_on_disk", type=int, default=None,
+                         help="wait while this many train shards are on disk (use with train.py --delete_consumed_shards)")
+    fineweb.add_argument("--prefix", default="edufineweb", help="shard file name prefix")
+    fineweb.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.dataset == "shakespeare":
+            done = prepare_shakespeare(args.out, args.input)
+        else:
+            done = prepare_fineweb(
+                args.out, inputs=args.input, dataset=args.dataset, config=args.name, shard_size=args.shard_size,
+                workers=args.workers, max_shards_on_disk=args.max_shards_on_disk, name=args.prefix,
+                progress=not args.no_progress,
+            )
+    except (ValueError, OSError, RuntimeError, ImportError) as err:  # the messages say what to do
+        sys.exit(f"prepare_data.py: error: {err}")
+    summary = ", ".join(f"{split}: {len(done['shards'][split])} shards, {done['tokens'][split]:,} tokens"
+                        for split in ("train", "val"))
+    print(f"{args.out}: {summary}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
