@@ -16,10 +16,13 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # (shape of x, dtype): C = 100 .. 1600, row counts 1, 37, 15, 4097; big row counts only with small C
 CASES = [
     ((1, 768), torch.float32),
+    ((1, 1600), torch.float16),
+    ((37, 768), torch.float32),
     ((37, 1000), torch.float16),
     ((3, 5, 1600), torch.float32),
     ((3, 5, 1600), torch.float16),
     ((4097, 100), torch.float32),
+    ((4097, 100), torch.float16),
 ]
 
 
@@ -116,6 +119,37 @@ def test_non_contiguous(device, poison):
     for name, g, r in zip(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, ref):
         err = (g.double() - r).abs().max().item()
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+def test_mixed_dtypes(device, poison):
+    """An fp32 residual stream plus an fp16 sublayer output (autocast): the sum is fp32, as in PyTorch."""
+    x, delta, weight, bias = make_inputs((37, 300), torch.float32, device, n=2)
+    inputs = [x, delta.detach().half().requires_grad_(), weight, bias]
+    grads = [torch.randn(37, 300, device=device), torch.randn(37, 300, device=device)]
+    got = run(add_layer_norm, inputs, grads)
+    same = run(torch_add_layer_norm, inputs, grads)
+    ref = run(torch_add_layer_norm, as_f64(inputs), grads)
+    assert got[3].dtype == torch.float16
+    assert_fair(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, same, ref, torch.float32)
+
+
+def test_add_layer_norm_with_only_y_used(device, poison):
+    """The sum's gradient may never arrive (None or zeros): dx is then the LayerNorm gradient alone."""
+    inputs = make_inputs((37, 200), torch.float32, device, n=2)
+    grads = [torch.randn(37, 200, device=device)]
+    got = run(lambda x, d, w, b: add_layer_norm(x, d, w, b)[1], inputs, grads)
+    ref = run(lambda x, d, w, b: torch_add_layer_norm(x, d, w, b)[1], as_f64(inputs), grads)
+    for name, g, r in zip(["y", "dx", "ddelta", "dweight", "dbias"], got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+def test_no_rows(device):
+    x, weight, bias = make_inputs((0, 768), torch.float32, device)
+    y = layer_norm(x, weight, bias)
+    y.sum().backward()
+    assert y.shape == (0, 768) and x.grad.shape == (0, 768)
+    assert not weight.grad.any() and not bias.grad.any()
 
 
 def test_weight_grads_are_deterministic(device):
