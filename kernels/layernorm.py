@@ -121,26 +121,27 @@ def _forward(x, delta, weight, bias, eps):
     n_cols = x.shape[-1]
     x2 = _rows(x)
     n_rows = x2.shape[0]
+    has_bias = bias is not None
+    weight = weight.contiguous()
+    bias = bias.contiguous() if has_bias else weight  # a placeholder pointer when HAS_BIAS is off
     out_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    s = d2 = None
-    if delta is not None:
-        d2 = _rows(delta)
-        s = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    # without delta, x and y stand in for delta and s: HAS_DELTA=False never touches them
+    d2 = x2 if delta is None else _rows(delta)
+    s = y if delta is None else torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     if n_rows > 0:
         cfg = row_config(n_cols)
         wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg.block_m),)](
-            x2, d2 if d2 is not None else x2, s if s is not None else y, y, weight,
-            bias if bias is not None else weight, mean, rstd,
-            x2.stride(0), d2.stride(0) if d2 is not None else 0, s.stride(0) if s is not None else 0, y.stride(0),
+            x2, d2, s, y, weight, bias, mean, rstd,
+            x2.stride(0), d2.stride(0), s.stride(0), y.stride(0),
             n_rows, n_cols, eps,
-            HAS_DELTA=delta is not None, HAS_BIAS=bias is not None,
+            HAS_DELTA=delta is not None, HAS_BIAS=has_bias,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     shape = (*x.shape[:-1], n_cols)
-    return (None if s is None else s.view(shape)), y.view(shape), mean, rstd
+    return (None if delta is None else s.view(shape)), y.view(shape), mean, rstd
 
 
 def _backward(dy, ds, x, weight, mean, rstd):
@@ -150,24 +151,22 @@ def _backward(dy, ds, x, weight, mean, rstd):
     """
     n_cols = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
-    ds2 = None if ds is None else _rows(ds)
+    ds2 = dy2 if ds is None else _rows(ds)  # a placeholder when HAS_DS is off
+    weight = weight.contiguous()
     n_rows = x2.shape[0]
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     cfg = row_config(n_cols)
     programs = persistent_programs(x.device, triton.cdiv(n_rows, cfg.block_m))
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    if n_rows > 0:
-        wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-            x2, dy2, ds2 if ds2 is not None else dy2, dx, weight, mean, rstd, dw_partial, db_partial,
-            x2.stride(0), dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx.stride(0),
-            n_rows, n_cols,
-            HAS_DS=ds is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        )
-    else:
-        dw_partial.zero_()
-        db_partial.zero_()
+    # with no rows, the one program still runs and writes zero partials
+    wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+        x2, dy2, ds2, dx, weight, mean, rstd, dw_partial, db_partial,
+        x2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
+        n_rows, n_cols,
+        HAS_DS=ds is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+    )
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(weight.dtype)
     return dx.view(x.shape), dweight, dbias
