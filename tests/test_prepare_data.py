@@ -1,0 +1,212 @@
+"""prepare_data.py / gpt2/shards.py: shards round-trip to the input documents, with tiktoken's counts,
+the asked sizes, atomic and resumable writes, and clear errors."""
+import json
+import sys
+import types
+import urllib.error
+
+import numpy as np
+import pytest
+import tiktoken
+
+import prepare_data
+from gpt2 import shards
+
+SHARD = 7000
+
+
+@pytest.fixture
+def enc():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture
+def fineweb(shared_data):
+    path = shared_data / "fineweb_sample" / "fineweb_edu_150.jsonl"
+    docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    return path, docs
+
+
+def reference_stream(enc, docs):
+    """Independent of gpt2/shards.py: <|endoftext|> before every document, straight from tiktoken."""
+    return np.concatenate([[enc.eot_token] + enc.encode_ordinary(d) for d in docs]).astype(np.int64)
+
+
+def shard_files(folder):
+    return sorted(folder.glob("*.npy"), key=lambda p: p.name.rsplit("_", 1)[-1])
+
+
+def load_all(folder):
+    return {p.name: np.load(p) for p in shard_files(folder)}
+
+
+def test_shakespeare_round_trip(shared_data, tmp_path, enc):
+    text_file = shared_data / "tinyshakespeare.txt"
+    prepare_data.main(["shakespeare", "--input", str(text_file), "--out", str(tmp_path)])
+    val = np.load(tmp_path / "shakespeare_val_000000.npy")
+    train = np.load(tmp_path / "shakespeare_train_000001.npy")
+    assert val.dtype == train.dtype == np.uint16 and val.ndim == train.ndim == 1
+    text = text_file.read_text(encoding="utf-8")
+    expected = [enc.eot_token] + enc.encode_ordinary(text)
+    assert len(train) + len(val) == len(expected) == 338_026
+    assert len(train) == int(0.9 * len(expected))
+    assert np.array_equal(np.concatenate([train, val]), expected)  # train first, val the last 10 %
+    assert enc.decode(np.concatenate([train, val]).tolist()) == "<|endoftext|>" + text
+    # ensure_shakespeare finds it prepared and rewrites nothing
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    shards.ensure_shakespeare(tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
+
+
+def test_shakespeare_offline_names_input(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(shards.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"prepare_data.py shakespeare --input FILE"):
+        shards.ensure_shakespeare(tmp_path / "shakespeare")
+    with pytest.raises(SystemExit, match="--input FILE"):
+        prepare_data.main(["shakespeare", "--out", str(tmp_path / "cli")])
+
+
+def test_fineweb_shards_round_trip(fineweb, tmp_path, enc):
+    path, docs = fineweb
+    done = shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    files = shard_files(tmp_path)
+    names = [p.name for p in files]
+    assert names[0] == "edufineweb_val_000000.npy"
+    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(files))]
+    assert done["shards"] == {"val": names[:1], "train": names[1:]}
+    arrays = [np.load(p) for p in files]
+    assert all(a.dtype == np.uint16 and a.ndim == 1 for a in arrays)
+    assert [len(a) for a in arrays[:-1]] == [SHARD] * (len(arrays) - 1) and 0 < len(arrays[-1]) <= SHARD
+    stream = np.concatenate(arrays).astype(np.int64)
+    expected = reference_stream(enc, docs)
+    assert len(stream) == len(expected) == 89_288 + 150
+    assert np.array_equal(stream, expected)
+    # round trip: split at <|endoftext|> and decode
+    cuts = np.flatnonzero(stream == enc.eot_token)
+    decoded = [enc.decode(stream[a + 1:b].tolist()) for a, b in zip(cuts, list(cuts[1:]) + [len(stream)])]
+    assert decoded == docs
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["shard_size"] == SHARD and meta["dtype"] == "uint16"
+    assert done["tokens"] == {"val": SHARD, "train": len(expected) - SHARD}
+
+
+def test_pool_and_csv_give_the_same_shards(fineweb, shared_data, tmp_path):
+    path, _ = fineweb
+    shards.prepare_fineweb(tmp_path / "one", inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    csv_path = shared_data / "fineweb_sample" / "fineweb_edu_150_scored.csv"
+    shards.prepare_fineweb(tmp_path / "pool", inputs=[csv_path], shard_size=SHARD, workers=2, progress=False)
+    one, pool = load_all(tmp_path / "one"), load_all(tmp_path / "pool")
+    assert one.keys() == pool.keys()
+    assert all(np.array_equal(one[k], pool[k]) for k in one)
+
+
+def test_rerun_skips_complete_shards_and_is_identical(fineweb, tmp_path):
+    path, _ = fineweb
+    shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in shard_files(tmp_path)}
+    missing = "edufineweb_train_000003.npy"
+    (tmp_path / missing).unlink()
+    shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in shard_files(tmp_path)}
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name][0] == before[name][0], name
+        if name != missing:
+            assert after[name][1] == before[name][1], f"{name} was rewritten"
+
+
+def test_killed_run_leaves_only_complete_shards(fineweb, tmp_path):
+    path, docs = fineweb
+    shards.prepare_fineweb(tmp_path / "ref", inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    reference = load_all(tmp_path / "ref")
+
+    def killed_midway():
+        yield from docs[:70]
+        raise KeyboardInterrupt("killed")
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(killed_midway(), out, "edufineweb", SHARD, source=shards.describe_local_inputs([path]),
+                            progress=False)
+    left = sorted(p.name for p in out.iterdir())
+    assert "DONE" not in left and "meta.json" in left
+    written = load_all(out)
+    assert 0 < len(written) < len(reference) and len(left) == len(written) + 1  # no temporary file left
+    assert all(np.array_equal(written[k], reference[k]) for k in written)
+    shards.prepare_fineweb(out, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    finished = load_all(out)
+    assert finished.keys() == reference.keys()
+    assert all(np.array_equal(finished[k], reference[k]) for k in reference)
+
+
+def test_folder_of_other_settings_is_refused(fineweb, tmp_path):
+    path, docs = fineweb
+    shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    with pytest.raises(ValueError, match="shard_size: 7000 there, 8000 now"):
+        shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=8000, workers=1, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base"}))
+    with pytest.raises(ValueError, match="tokenizer: 'cl100k_base' there, 'gpt2' now"):
+        shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(ValueError, match="not written by prepare_data.py"):
+        shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+
+
+def test_input_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shards.prepare_fineweb(tmp_path / "o1", inputs=[tmp_path / "nope.jsonl"], shard_size=SHARD, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"content": "no text here"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 has no 'text' field \(it has: \['content'\]\)"):
+        shards.prepare_fineweb(tmp_path / "o2", inputs=[bad], shard_size=SHARD, progress=False)
+    odd = tmp_path / "docs.xml"
+    odd.write_text("<doc/>")
+    with pytest.raises(ValueError, match="unknown type"):
+        list(shards.iter_local_documents([odd]))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    parquet = tmp_path / "docs.parquet"
+    parquet.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        list(shards.iter_local_documents([parquet]))
+
+
+def test_plain_text_files_are_documents(tmp_path, enc):
+    texts = ["First document.\n", "Second one, with <|endoftext|> as plain text."]
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(text)
+    shards.prepare_fineweb(tmp_path / "out", inputs=paths, shard_size=5, workers=1, progress=False)
+    stream = np.concatenate(list(load_all(tmp_path / "out").values()))
+    assert np.array_equal(stream, reference_stream(enc, texts))
+
+
+def test_hub_streaming_and_its_errors(tmp_path, monkeypatch, enc):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install datasets \(or pip install -e .\[data\]\)"):
+        shards.prepare_fineweb(tmp_path / "a", shard_size=SHARD, progress=False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=unreachable))
+    with pytest.raises(RuntimeError, match="Hugging Face hub .*pass local .* with --input"):
+        shards.prepare_fineweb(tmp_path / "b", shard_size=SHARD, progress=False)
+
+    docs = ["one streamed document", "and another"]
+    calls = []
+
+    def load_dataset(path, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        return iter({"text": d, "id": i} for i, d in enumerate(docs))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    shards.prepare_fineweb(tmp_path / "c", shard_size=4, progress=False)
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    stream = np.concatenate(list(load_all(tmp_path / "c").values()))
+    assert np.array_equal(stream, reference_stream(enc, docs))
