@@ -34,13 +34,15 @@ def parse_args(argv=None):
 
     fineweb = sub.add_parser("fineweb", help="FineWeb-Edu from the hub, or local text files")
     fineweb.add_argument("--out", required=True, help="output folder")
-    fineweb.add_argument("--input", nargs="+", default=None, help="local .jsonl/.parquet/.csv/.txt files instead of the hub")
+    fineweb.add_argument("--input", nargs="+", default=None,
+                         help="local .jsonl/.parquet/.csv/.txt files instead of the hub")
     fineweb.add_argument("--dataset", default=FINEWEB_DATASET, help="Hugging Face dataset to stream")
     fineweb.add_argument("--name", default=FINEWEB_CONFIG, help="its configuration (subset)")
     fineweb.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
     fineweb.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
     fineweb.add_argument("--max_shards_on_disk", type=int, default=None,
-                         help="wait while this many train shards are on disk (use with train.py --delete_consumed_shards)")
+                         help="wait while this many train shards are on disk "
+                              "(run train.py --delete_consumed_shards beside it)")
     fineweb.add_argument("--prefix", default="edufineweb", help="shard file name prefix")
     fineweb.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

@@ -26,8 +26,14 @@ EVERY rank:
         loader.delete_finished_shards()      # rank 0 deletes the shards all ranks are past; others no-op
 
 All ranks stand at the same position, and a step never reads behind it, so no rank ever opens a
-deleted shard. state_dict()/load_state_dict() resume at the exact token; the checkpoint stays valid
-after its shards were deleted, because a resumed loader never looks behind its position.
+deleted shard. state_dict()/load_state_dict() resume at the exact token (the state is the same on every
+rank, and batch size and world size may change on resume). A resumed loader never looks behind its
+position, but shards consumed after the checkpoint was saved are gone: pass the saved state as
+delete_finished_shards(keep_from=state) to keep them, with --max_shards_on_disk large enough for a
+checkpoint interval; otherwise a crash loses the data between the checkpoint and the crash.
+
+A trainer started beside prepare_data.py must start after the producer has written meta.json (the
+producer writes it first thing); a folder without shards and without meta.json is an error.
 """
 import os
 import pathlib
@@ -35,10 +41,12 @@ import pathlib
 import numpy as np
 import torch
 
-from gpt2.shards import (  # noqa: F401  (ensure_shakespeare and prepare_shakespeare are re-exported for train.py)
+from gpt2.shards import (
     SPLITS, delete_consumed_shards, ensure_shakespeare, prepare_shakespeare, read_consumed, read_done,
     read_meta, shard_name, wait_until,
 )
+
+__all__ = ["ShardLoader", "ensure_shakespeare", "prepare_shakespeare"]  # the last two for train.py
 
 
 class ShardLoader:
@@ -113,7 +121,8 @@ class ShardLoader:
         """Resume at the exact token. Batch size and world size may differ from the saved run's."""
         for key in ("split", "shuffle_seed"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]!r}, this loader has {getattr(self, key)!r}")
+                raise ValueError(f"loader state was saved with {key}={state[key]!r}, "
+                                 f"this loader has {getattr(self, key)!r}")
         self._set_position(state["epoch"], state["shard"], state["offset"])
         name = self._name_at(self.k)
         if state["shard_name"] is not None and name is not None and name != state["shard_name"]:
@@ -122,20 +131,29 @@ class ShardLoader:
                 f"{self.epoch} in {self.dir} is {name}: the folder holds other shards than the saved run's"
             )
 
-    def finished_shards(self) -> list:
-        """Names of the shards of this epoch that every rank is past (no later step reads them)."""
-        end = self.k
-        name = self._name_at(self.k)
-        if self.offset > 0 and self.offset >= self._lengths.get(name, float("inf")):
-            end += 1
+    def finished_shards(self, keep_from=None) -> list:
+        """Names of the shards of this epoch that every rank is past (no later step reads them).
+
+        keep_from: a state_dict() (say, the newest checkpoint's); shards at or after its position count
+        as unfinished, so that a run resumed from that checkpoint still finds them.
+        """
+        k, offset = self.k, self.offset
+        if keep_from is not None:
+            k, offset = min((k, offset), (keep_from["shard"], keep_from["offset"]))
+        name = self._name_at(k)
+        end = k + (1 if 0 < offset and offset >= self._lengths.get(name, float("inf")) else 0)
         return [self._name_at(j) for j in range(end)]
 
-    def delete_finished_shards(self) -> list:
-        """With delete_consumed: rank 0 deletes the finished shards (after the trainer's barrier,
-        see the module docstring) and returns their names; other ranks return []."""
+    def delete_finished_shards(self, keep_from=None) -> list:
+        """With delete_consumed: rank 0 deletes the finished shards (after the trainer's barrier, see the
+        module docstring) and returns their names; other ranks return [].
+
+        keep_from: see finished_shards. Keeping a checkpoint's shards needs --max_shards_on_disk large
+        enough to hold a checkpoint interval of tokens, or the producer and the trainer wait on each other.
+        """
         if not self.delete_consumed or self.rank != 0:
             return []
-        finished = self.finished_shards()[self._deleted_upto:]
+        finished = self.finished_shards(keep_from)[self._deleted_upto:]
         names = [n for n in finished if (self.dir / n).exists()]
         for n in finished:
             self._mmaps.pop(n, None)
@@ -274,9 +292,11 @@ class ShardLoader:
         except ValueError as err:
             raise ValueError(f"{path} is not a complete .npy token shard ({err})") from None
         if tokens.ndim != 1 or tokens.dtype != np.uint16:
-            raise ValueError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}; token shards are 1-D uint16")
-        if tokens.offset + tokens.nbytes != os.path.getsize(path):
-            raise ValueError(f"{path} is {os.path.getsize(path)} bytes, not its header plus {len(tokens)} uint16 tokens")
+            raise ValueError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}; "
+                             "token shards are 1-D uint16")
+        size = os.path.getsize(path)
+        if tokens.offset + tokens.nbytes != size:
+            raise ValueError(f"{path} is {size} bytes, not its header plus {len(tokens)} uint16 tokens")
         self._mmaps[name] = tokens
         return tokens
 

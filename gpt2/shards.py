@@ -22,6 +22,7 @@ run side by side through a disk that holds K shards.
 """
 import csv
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -342,10 +343,7 @@ class ShardWriter:
 def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, workers=1,
                  max_shards_on_disk=None, progress=True) -> dict:
     """Tokenize `texts` (an iterable of documents) into shards in `folder`; returns the DONE content."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    if max_shards_on_disk is not None and max_shards_on_disk < 2:
-        raise ValueError("max_shards_on_disk must be at least 2: a batch may span two shards")
+    _check_settings(shard_size, max_shards_on_disk)
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     get_encoding()  # a missing BPE fails here, with tiktoken's message, not inside a worker
@@ -359,10 +357,7 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
             import multiprocessing
 
             pool = multiprocessing.get_context().Pool(workers)
-            token_arrays = pool.imap(tokenize_document, texts, chunksize=16)
-        else:
-            token_arrays = map(tokenize_document, texts)
-        for tokens in token_arrays:
+        for tokens in tokenize_stream(texts, pool, chunk_docs=256 * workers):
             writer.add(tokens)
             if bar is not None:
                 bar.update(len(tokens))
@@ -375,6 +370,31 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
         if bar is not None:
             bar.close()
     return done
+
+
+def tokenize_stream(texts, pool=None, chunk_docs=1024):
+    """Token arrays of the documents, in order. With a pool, one chunk is tokenized while the previous
+    one is written: Pool.imap would read the whole stream ahead into memory while the writer waits
+    for disk room, so the look-ahead is bounded to two chunks."""
+    if pool is None:
+        yield from map(tokenize_document, texts)
+        return
+    texts = iter(texts)
+    pending = None
+    while chunk := list(itertools.islice(texts, chunk_docs)):
+        job = pool.map_async(tokenize_document, chunk, chunksize=16)
+        if pending is not None:
+            yield from pending.get()
+        pending = job
+    if pending is not None:
+        yield from pending.get()
+
+
+def _check_settings(shard_size, max_shards_on_disk) -> None:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if max_shards_on_disk is not None and max_shards_on_disk < 2:
+        raise ValueError("max_shards_on_disk must be at least 2: a training step may span two shards")
 
 
 def _progress_bar(enabled: bool):
@@ -391,12 +411,17 @@ def prepare_fineweb(out_dir, inputs=None, dataset=FINEWEB_DATASET, config=FINEWE
                     shard_size=100_000_000, workers=1, max_shards_on_disk=None, name="edufineweb",
                     progress=True) -> dict:
     """FineWeb-Edu (streamed from the hub) or local text files -> shards; the first shard is val."""
+    _check_settings(shard_size, max_shards_on_disk)
     if inputs:
         source = describe_local_inputs(inputs)
-        texts = iter_local_documents(inputs)
     else:
         source = f"hub:{dataset}/{config}"
-        texts = iter_hub_documents(dataset, config)
+    # meta.json first, before the hub is reached: a trainer started beside this producer takes a folder
+    # with meta.json and no DONE as "shards still to come" and waits for them
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_or_write_meta(out_dir, make_meta(name, shard_size, 1, source, max_shards_on_disk))
+    texts = iter_local_documents(inputs) if inputs else iter_hub_documents(dataset, config)
     return write_shards(texts, out_dir, name, shard_size, source=source, workers=workers,
                         max_shards_on_disk=max_shards_on_disk, progress=progress)
 

@@ -166,6 +166,20 @@ def test_delete_consumed_shards_in_process(tmp_path):
         ShardLoader(tmp_path, "val", B, T, delete_consumed=True)
 
 
+def test_delete_keeps_the_shards_of_a_checkpoint(tmp_path):
+    names = make_folder(tmp_path)["train"]
+    loader = ShardLoader(tmp_path, "train", 1, 50, delete_consumed=True)
+    steps(loader, 21)                  # at token 1050: shard 0 (1000 tokens) and shard 1 (37) are behind
+    checkpoint = loader.state_dict()
+    steps(loader, 20)                  # at token 2050: shard 2 (ends at 1560) is behind too
+    assert loader.finished_shards() == names[:3]
+    assert loader.delete_finished_shards(keep_from=checkpoint) == names[:2]
+    resumed = ShardLoader(tmp_path, "train", 1, 50, delete_consumed=True)
+    resumed.load_state_dict(checkpoint)
+    assert (resumed.next_batch()[0].flatten() == torch.arange(1050, 1100)).all()
+    assert loader.delete_finished_shards() == names[2:3]
+
+
 def test_disk_budget_too_small_for_one_step_is_refused(tmp_path):
     make_folder(tmp_path, max_shards_on_disk=2)
     meta = json.loads((tmp_path / "meta.json").read_text())

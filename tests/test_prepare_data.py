@@ -103,6 +103,29 @@ def test_pool_and_csv_give_the_same_shards(fineweb, shared_data, tmp_path):
     assert all(np.array_equal(one[k], pool[k]) for k in one)
 
 
+def test_pool_keeps_document_order_across_chunks(fineweb):
+    import multiprocessing
+
+    _, docs = fineweb
+    docs = docs[:40]
+    with multiprocessing.get_context().Pool(2) as pool:
+        pooled = list(shards.tokenize_stream(iter(docs), pool, chunk_docs=7))
+    serial = list(shards.tokenize_stream(docs))
+    assert len(pooled) == len(serial) == 40
+    assert all(np.array_equal(a, b) for a, b in zip(pooled, serial))
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def disk_full(f, arr, allow_pickle):
+        f.write(b"\x93NUMPY half a shard")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.np, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        shards.save_shard(tmp_path / "x_train_000001.npy", np.arange(10, dtype=np.uint16))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rerun_skips_complete_shards_and_is_identical(fineweb, tmp_path):
     path, _ = fineweb
     shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
