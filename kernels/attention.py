@@ -191,9 +191,11 @@ def _bwd_delta(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, lo, hi, T,
-                qk_scale, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+                qk_scale, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
+                KEY_BOUNDS: tl.constexpr):
     """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
-    rows are keys, columns queries)."""
+    rows are keys, columns queries). KEY_BOUNDS zeroes P for keys past T (zero rows of k): their rows are never stored,
+    but exp2(-LSE) can overflow there (the causal mask already covers them in the causal case)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         if BOUNDS:  # a query row past T gets LSE = +inf, hence P = 0: it adds nothing
@@ -207,9 +209,12 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, st
             do = tl.load(do_ptrs + start_m * stride_dot)
             lse = tl.load(lse_ptr + offs_m)
             delta = tl.load(delta_ptr + offs_m)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale                           # (BLOCK_N, BLOCK_M)
         if CAUSAL_MASK:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
+        if KEY_BOUNDS:
+            s_t = tl.where(offs_n[:, None] < T, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -256,14 +261,14 @@ def _attn_bwd_dkdv(
     t_whole = T // BLOCK_M * BLOCK_M
     if CAUSAL:  # the diagonal block (masked), then the query blocks below it; none above
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, BLOCK_M, True, True)
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, BLOCK_M, True, True, False)
         lo = start_n + BLOCK_N
     else:
         lo = 0
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                         lo, t_whole, T, qk_scale, BLOCK_M, False, False)
+                         lo, t_whole, T, qk_scale, BLOCK_M, False, False, not CAUSAL)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                         tl.maximum(lo, t_whole), T, T, qk_scale, BLOCK_M, False, True)
+                         tl.maximum(lo, t_whole), T, T, qk_scale, BLOCK_M, False, True, not CAUSAL)
 
     out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
