@@ -1,0 +1,199 @@
+"""FusedAdamW against torch.optim.AdamW(foreach=False) and a float64 run of it: parameters, states,
+state_dict both ways, clipping folded into the step, bf16 parameters, argument errors."""
+import copy
+import math
+
+import pytest
+import torch
+
+from kernels.adamw import BLOCK, FusedAdamW
+
+SHAPES = [(1,), (37,), (13, 7), (64, 65), (BLOCK,)]  # BLOCK: only full blocks; 64x65: full + partial
+HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_params(device, dtype=torch.float32):
+    """Fresh odd-sized parameters; the 37 one is a view one fp32 into its storage (not 16-byte aligned)."""
+    params = [torch.randn(s, device=device, dtype=dtype) for s in SHAPES]
+    params[1] = torch.randn(38, device=device, dtype=dtype)[1:]
+    return [torch.nn.Parameter(p) for p in params]
+
+
+def clone_params(params, dtype=None):
+    return [torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in params]
+
+
+def groups(params):
+    """Two groups as GPT.configure_optimizers makes them: matrices decayed, the rest not."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def cosine_lr(it, total=10, max_lr=1e-3):
+    return max_lr * 0.5 * (1 + math.cos(math.pi * it / total))
+
+
+def set_grads(param_lists, it, scale=1.0):
+    """The same fresh gradient, in the first list's dtype, for the same parameter of every list;
+    the 37 one has none on steps 3 and 7."""
+    for ps in zip(*param_lists):
+        g = (scale * torch.randn(ps[0].shape, device=ps[0].device)).to(ps[0].dtype)
+        for p in ps:
+            p.grad = None if (it in (3, 7) and p.numel() == 37) else g.to(p.dtype, copy=True)
+
+
+def run(optimizers, param_lists, steps, start=0, clip=None):
+    for it in range(start, start + steps):
+        set_grads(param_lists, it, scale=10.0 if clip else 1.0)
+        for opt, params in zip(optimizers, param_lists):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(it)
+            if clip is not None:
+                clip_fn = getattr(opt, "clip_grad_norm_", None)
+                clip_fn(clip) if clip_fn else torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+
+
+def max_rel_err(ours, ref):
+    """max |ours - ref| over max |ref|, per tensor, worst tensor."""
+    return max(((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max()).item()
+               for a, b in zip(ours, ref))
+
+
+def states(opt, params, key):
+    return [opt.state[p][key] for p in params]
+
+
+def test_matches_torch_adamw(device):
+    params = make_params(device)
+    ref_params, ref64_params = clone_params(params), clone_params(params, torch.float64)
+    opt = FusedAdamW(groups(params), **HYPER)
+    ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
+    ref64 = torch.optim.AdamW(groups(ref64_params), **HYPER, foreach=False)
+    run([opt, ref, ref64], [params, ref_params, ref64_params], steps=10)
+
+    err, torch_err = max_rel_err(params, ref64_params), max_rel_err(ref_params, ref64_params)
+    assert max_rel_err(params, ref_params) <= 1e-6, f"params vs torch fp32: {max_rel_err(params, ref_params):.2e}"
+    assert err <= 2 * torch_err + 1e-7, f"params vs fp64: ours {err:.2e}, torch fp32 {torch_err:.2e}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        e = max_rel_err(states(opt, params, key), states(ref64, ref64_params, key))
+        assert e <= 1e-5, f"{key} vs fp64: {e:.2e}"
+        assert all(s.dtype == torch.float32 for s in states(opt, params, key))
+    steps = [s.item() for s in states(opt, params, "step")]
+    assert steps == [s.item() for s in states(ref, ref_params, "step")] and 8.0 in steps  # 37: two skipped
+
+
+def test_state_dict_round_trip(device):
+    params = make_params(device)
+    resumed, torch_params = clone_params(params), clone_params(params)
+    straight = FusedAdamW(groups(params), **HYPER)
+    torch.manual_seed(0)  # every run below sees the same gradients
+    run([straight], [params], steps=10)
+
+    torch.manual_seed(0)
+    first = FusedAdamW(groups(resumed), **HYPER)
+    run([first], [resumed], steps=5)
+    saved = copy.deepcopy(first.state_dict())
+    second = FusedAdamW(groups(resumed), **HYPER)
+    second.load_state_dict(saved)
+    run([second], [resumed], steps=5, start=5)
+    assert max_rel_err(resumed, params) == 0.0, f"save/load changed the run: {max_rel_err(resumed, params):.2e}"
+
+    # ours -> torch for three steps -> ours for two
+    torch.manual_seed(0)
+    ours = FusedAdamW(groups(torch_params), **HYPER)
+    run([ours], [torch_params], steps=5)
+    theirs = torch.optim.AdamW(groups(torch_params), **HYPER, foreach=False)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    run([theirs], [torch_params], steps=3, start=5)
+    back = FusedAdamW(groups(torch_params), **HYPER)
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    step = back.state[torch_params[0]]["step"]
+    assert step.dtype == torch.float32 and step.device == torch_params[0].device and step.item() == 8
+    run([back], [torch_params], steps=2, start=8)
+    assert max_rel_err(torch_params, params) <= 1e-6, f"through torch: {max_rel_err(torch_params, params):.2e}"
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e4])  # clipping active, inactive
+def test_clip_folded_into_step(device, max_norm):
+    params = make_params(device)
+    ref_params = clone_params(params)
+    opt = FusedAdamW(groups(params), **HYPER)
+    ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
+    set_grads([params, ref_params], it=0, scale=10.0)
+    grads = [p.grad.clone() for p in params]
+    norm = opt.clip_grad_norm_(max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm)
+    assert norm.dtype == torch.float32 and norm.dim() == 0 and norm.device == params[0].device
+    assert abs(norm.item() - ref_norm.item()) <= 1e-6 * ref_norm.item(), f"norm {norm.item()} vs {ref_norm.item()}"
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads)), "clip_grad_norm_ must not touch p.grad"
+    opt.step()
+    ref.step()
+    assert max_rel_err(params, ref_params) <= 1e-6, f"clip+step: {max_rel_err(params, ref_params):.2e}"
+    # the clip applies to one step only
+    set_grads([params, ref_params], it=1, scale=10.0)
+    opt.step()
+    ref.step()
+    assert max_rel_err(params, ref_params) <= 1e-6, f"step after clip: {max_rel_err(params, ref_params):.2e}"
+
+
+def round_to_bf16(x):
+    """The kernel's fp32 -> bf16 store: round to nearest even on the GPU; the Triton 3.9 interpreter
+    truncates instead (an interpreter gap), so under it the reference truncates too."""
+    if x.is_cuda:
+        return x.bfloat16().float()
+    return (x.view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+
+def test_bf16_params_fp32_states(device):
+    """bf16 params: each step's update in fp32 from the bf16 value, rounded to bf16 once.
+
+    Every step starts the reference from the kernel's bf16 values: a value that lands next to a
+    rounding boundary may go either way by one ulp, and that difference must not compound.
+    """
+    params = make_params(device, torch.bfloat16)
+    ref_params = clone_params(params, torch.float32)
+    hyper = {**HYPER, "lr": 1e-2}  # updates of several bf16 ulps, so the arithmetic shows
+    opt = FusedAdamW(groups(params), **hyper)
+    ref = torch.optim.AdamW(groups(ref_params), **hyper, foreach=False)
+    for it in range(4):
+        set_grads([params, ref_params], it)
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                q.copy_(p)
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            ulps = ((p.float() - round_to_bf16(q.detach())).abs() / (2**-7 * q.detach().abs())).max().item()
+            assert ulps <= 1.0, f"bf16 params, step {it}: {ulps:.2f} bf16 ulps from the reference"
+    assert all(p.dtype == torch.bfloat16 and opt.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+    e = max_rel_err(states(opt, params, "exp_avg_sq"), states(ref, ref_params, "exp_avg_sq"))
+    assert e <= 1e-5, f"exp_avg_sq: {e:.2e}"
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1e-3), dict(eps=-1.0), dict(betas=(1.0, 0.9)),
+                                    dict(betas=(0.9, -0.1)), dict(weight_decay=-0.1)])
+def test_bad_arguments_raise_like_torch(kwargs):
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.AdamW(p, **kwargs)
+    with pytest.raises(ValueError, match=str(theirs.value).replace("(", r"\(").replace(")", r"\)")):
+        FusedAdamW(p, **kwargs)
+
+
+@pytest.mark.gpu
+def test_gpt2_sized_tensors_no_recompile_on_lr_change():
+    """Tensors of many blocks on the GPU; a new lr every step reuses the compiled kernel."""
+    from kernels.adamw import _adamw_kernel
+
+    device = torch.device("cuda")
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(2304, 768), (50304, 768), (768,), (3,)]]
+    ref_params = clone_params(params)
+    opt = FusedAdamW(groups(params), **HYPER)
+    ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
+    run([opt, ref], [params, ref_params], steps=2)
+    kernel_cache = _adamw_kernel.device_caches[torch.cuda.current_device()][0]
+    compiled = len(kernel_cache)
+    run([opt, ref], [params, ref_params], steps=6, start=2)
+    assert len(kernel_cache) == compiled
+    assert max_rel_err(params, ref_params) <= 1e-6, f"params: {max_rel_err(params, ref_params):.2e}"
