@@ -1,0 +1,100 @@
+"""Causal flash attention vs every PyTorch SDPA backend and compiled math attention, at GPT-2 124M shapes.
+
+    python benchmarks/run.py --only attention
+
+B x H = 64 x 12 (the GPT-2 124M micro-batch), D = 64, T = 512 ... 4096, causal, bf16. q, k, v are
+laid out in memory as (B, T, H, D) and viewed as (B, H, T, D), as the model holds them after
+splitting heads. Unit TFLOP/s, from the matmul FLOPs of one call: the forward does Q K^T and P V,
+2 * 2*B*H*T*T*D, halved by the causal mask; the backward is counted as 2.5x the forward (five
+matmuls instead of two), full = 3.5x.
+
+Providers:
+    triton               kernels.attention.flash_attention
+    torch                F.scaled_dot_product_attention, backend left to PyTorch (what --kernels=torch runs)
+    torch-flash          SDPA forced to one backend with torch.nn.attention.sdpa_kernel; a backend the
+    torch-cudnn          machine lacks raises, and the harness records n/a
+    torch-efficient
+    torch.compile(math)  explicit softmax(Q K^T + mask) V under torch.compile
+The harness's own torch.compile of the "torch" provider is off: compiling a single SDPA call adds nothing.
+
+Baseline: torch-cudnn. On an H100, cuDNN's fused attention (Hopper-specific kernels) is the fastest
+SDPA backend for bf16 causal attention, ahead of the FlashAttention-2 "flash" backend, so speedups
+are against the strongest competitor; the other backends stay in the table.
+
+The smoke pass (CPU, interpreter) runs the SDPA providers unforced and the math provider eagerly:
+the forced backends are CUDA-only and compiling on the CPU would only check Inductor.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gpt2.ops import torch_attention
+from harness import OpBench
+from kernels.attention import attention_ref, flash_attention
+
+DTYPE = torch.bfloat16
+PASSES = {"forward": 1.0, "backward": 2.5, "full": 3.5}
+
+
+def make_inputs(config, device, dtype):
+    B, H, T, D = config["B"], config["H"], config["T"], config["D"]
+    return tuple(torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+                 for _ in range(3))                                              # (B, H, T, D) views
+
+
+def flops(config, mode):
+    B, H, T, D = config["B"], config["H"], config["T"], config["D"]
+    return PASSES[mode] * 4 * B * H * T * T * D / 2                             # causal: half the blocks
+
+
+def triton_attention(q, k, v):
+    return flash_attention(q, k, v, causal=True)
+
+
+def sdpa_forced(backend):
+    def attention(q, k, v):
+        if q.device.type != "cuda":  # smoke pass: nothing is timed, and these backends are CUDA-only
+            return torch_attention(q, k, v)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attention
+
+
+def math_attention(q, k, v):
+    """Returns its output in (B, T, H, D) memory like the other providers, as the model consumes it
+    (its y.transpose(1, 2).contiguous() then costs nothing); the smoke pass needs equal layouts too,
+    since it draws dO with randn_like, whose values follow the memory order."""
+    y = attention_ref(q, k, v, causal=True, upcast=False)                        # (B, H, T, D)
+    return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+_compiled_math = torch.compile(math_attention)  # compiles on the first call, not at import
+
+
+def compiled_math_attention(q, k, v):
+    if q.device.type != "cuda":  # smoke pass: check the math, not Inductor's CPU backend
+        return math_attention(q, k, v)
+    return _compiled_math(q, k, v)
+
+
+BENCHMARKS = [
+    OpBench(
+        name="attention",
+        unit="TFLOP/s",
+        dtype=DTYPE,
+        make_inputs=make_inputs,
+        providers={
+            "triton": triton_attention,
+            "torch": torch_attention,
+            "torch-flash": sdpa_forced(SDPBackend.FLASH_ATTENTION),
+            "torch-cudnn": sdpa_forced(SDPBackend.CUDNN_ATTENTION),
+            "torch-efficient": sdpa_forced(SDPBackend.EFFICIENT_ATTENTION),
+            "torch.compile(math)": compiled_math_attention,
+        },
+        work=flops,
+        configs=[{"B": 64, "H": 12, "T": T, "D": 64} for T in (512, 1024, 2048, 4096)],
+        smoke_configs=[{"B": 1, "H": 2, "T": 17, "D": 32}, {"B": 3, "H": 1, "T": 70, "D": 64}],
+        baseline="torch-cudnn",
+        compile_baseline=False,
+    ),
+]
