@@ -11,12 +11,10 @@ minutes on tinyshakespeare gives Shakespeare-shaped gibberish.
 import argparse
 import sys
 
-import torch
-
 from gpt2 import GPT
 from gpt2.ops import KernelsError
-from gpt2.runtime import autocast, pick_device
-from gpt2.tokenizer import decode, encode
+from gpt2.runtime import pick_device
+from gpt2.sampling import sample_text
 
 
 def load(args, device) -> GPT:
@@ -25,18 +23,6 @@ def load(args, device) -> GPT:
 
         return load_model(args.checkpoint, device, kernels=args.kernels)
     return GPT.from_pretrained(args.init_from, kernels=args.kernels).to(device)
-
-
-def sample(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, top_k: int, temperature: float,
-           seed: int, device: torch.device, dtype: str = "float32") -> list[str]:
-    """num_samples continuations of prompt, reproducible for a seed on a given device."""
-    tokens = encode(prompt) or [model.config.real_vocab_size - 1]
-    idx = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    with autocast(device, dtype):
-        out = model.generate(idx, max_new_tokens, top_k=top_k, temperature=temperature, generator=generator)
-    return [decode(row) for row in out.tolist()]
 
 
 def main(argv=None) -> int:
@@ -57,8 +43,8 @@ def main(argv=None) -> int:
     try:
         device = pick_device(args.device)
         model = load(args, device)
-        texts = sample(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
-                       args.temperature, args.seed, device, args.dtype)
+        texts = sample_text(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
+                            args.temperature, args.seed, device, args.dtype)
     except (KernelsError, ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is missing (it sits beside the repository in CI)")

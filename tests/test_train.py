@@ -1,0 +1,124 @@
+"""The trainer on the CPU: learning, kernels agreeing, exact resume, DDP equal to one process, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from gpt2.data import prepare_shakespeare
+from gpt2.trainer import Run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--batch_size", "4",
+        "--total_batch_size", "128", "--learning_rate", "1e-3", "--warmup_steps", "2", "--eval_interval", "0",
+        "--sample_interval", "0", "--checkpoint_interval", "0", "--hellaswag_interval", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("shakespeare")
+    prepare_shakespeare(folder, input_file=shared_data / "tinyshakespeare.txt")
+    return folder
+
+
+def losses(out_dir) -> list[float]:
+    lines = (out_dir / "log.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def run_train(*args) -> int:
+    return train.main([*TINY, *[str(a) for a in args]])
+
+
+def test_loss_falls_on_shakespeare(shakespeare, tmp_path):
+    assert run_train("--data", shakespeare, "--out_dir", tmp_path, "--max_steps", 30, "--learning_rate", "3e-3") == 0
+    curve = losses(tmp_path)
+    assert len(curve) == 30
+    assert np.mean(curve[-5:]) < curve[0] - 2.0, f"loss went {curve[0]:.2f} -> {curve[-5:]}"
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec"} <= set(record)
+
+
+def test_triton_and_torch_kernels_give_the_same_losses(shakespeare, tmp_path):
+    args = ("--data", shakespeare, "--max_steps", 3, "--n_layer", 1)
+    assert run_train(*args, "--out_dir", tmp_path / "torch", "--kernels", "torch") == 0
+    assert run_train(*args, "--out_dir", tmp_path / "triton", "--kernels", "triton") == 0
+    np.testing.assert_allclose(losses(tmp_path / "triton"), losses(tmp_path / "torch"), rtol=1e-4)
+
+
+def test_resume_after_interruption_repeats_the_run_exactly(shakespeare, tmp_path, monkeypatch):
+    args = ("--data", shakespeare, "--max_steps", 8, "--checkpoint_interval", 4, "--eval_interval", 4)
+    assert run_train(*args, "--out_dir", tmp_path / "whole") == 0
+
+    original = Run.train_step
+
+    def dies_at_step_6(self):
+        if self.step == 6:
+            raise KeyboardInterrupt  # the run stops between checkpoints
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", dies_at_step_6)
+    assert run_train(*args, "--out_dir", tmp_path / "cut") == 130
+    monkeypatch.setattr(Run, "train_step", original)
+    assert run_train(*args, "--out_dir", tmp_path / "cut", "--resume") == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bitwise, step for step
+    whole = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in cut] == [json.loads(x)["step"] for x in whole]
+
+
+def test_two_ranks_equal_one_process(shakespeare, tmp_path):
+    args = [*TINY, "--data", str(shakespeare), "--max_steps", "4", "--total_batch_size", "256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "one")], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, "--out_dir", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "ranks=2" in two.stdout and "grad_accum=1" in two.stdout
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero(tmp_path):
+    data = tmp_path / "one_batch"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 500, 4 * 32 + 1).astype(np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 500, 4 * 32 + 1).astype(np.uint16))
+    assert run_train("--data", data, "--out_dir", tmp_path / "out", "--max_steps", 35, "--learning_rate", "1e-2",
+                     "--min_lr_ratio", 1, "--weight_decay", 0) == 0
+    assert losses(tmp_path / "out")[-1] < 0.1
+
+
+def expect_error(capsys, *args, match):
+    assert run_train(*args) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err, err
+
+
+def test_errors_are_messages_not_tracebacks(shakespeare, tmp_path, capsys, monkeypatch):
+    expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, "--kernels", "cuda-magic", match="unknown kernels")
+    expect_error(capsys, "--data", tmp_path / "nowhere", "--out_dir", tmp_path, match="does not exist")
+    expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, "--total_batch_size", 100,
+                 match="not a multiple of --batch_size")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    np.save(corrupt / "x_val_000000.npy", np.zeros(1000, dtype=np.uint16))
+    (corrupt / "x_train_000001.npy").write_bytes(b"not a numpy file")
+    expect_error(capsys, "--data", corrupt, "--out_dir", tmp_path, "--max_steps", 1, match="x_train_000001.npy")
+
+    assert run_train("--data", shakespeare, "--out_dir", tmp_path / "small", "--max_steps", 1,
+                     "--checkpoint_interval", 1) == 0
+    expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path / "small", "--resume", "--n_embd", 32,
+                 match="another shape")
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Run, "train_step", out_of_memory)
+    expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, match="lower --batch_size")
