@@ -1,0 +1,187 @@
+"""HellaSwag scoring (gpt2/hellaswag.py, eval_hellaswag.py) on tiny models and real validation examples.
+
+The reference renders and scores one example at a time, with the Hugging Face tokenizer and model in
+float64, written from the two styles' definitions; our batched, padded, sharded path must agree.
+"""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval_hellaswag
+from gpt2 import hellaswag
+from gpt2.model import GPT, GPTConfig
+
+from conftest import REPO
+
+# ActivityNet rows, then WikiHow rows (brackets, "[title]", empty ctx_b) with mixed labels
+PICKED = list(range(5)) + list(range(3243, 3248))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=256, vocab_size=50257)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_file():
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "hellaswag_val.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is missing (it sits beside the repository in CI)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def picked(data_file):
+    examples = hellaswag.load_examples(data_file, limit=max(PICKED) + 1)
+    return [examples[i] for i in PICKED]
+
+
+# -------------------------------------------------------------------------------------------------
+# the reference: one example at a time, straight from the definitions
+
+def reference_rows(example, style, tok):
+    """(context ids, [ending ids] * 4, [acc_norm divisor] * 4) as each evaluation defines them."""
+    if style == "completion":   # build-nanogpt
+        ctx = tok.encode(example["ctx"])
+        ends = [tok.encode(" " + e) for e in example["endings"]]
+        return ctx, ends, [len(e) for e in ends]
+
+    def clean(text):             # lm-evaluation-harness
+        text = text.strip().replace(" [title]", ". ")
+        return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+    query = clean(example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize())
+    choices = [clean(e) for e in example["endings"]]
+    ctx = tok.encode(query)
+    ends = [tok.encode(query + " " + c)[len(ctx):] for c in choices]
+    return ctx, ends, [len(c) for c in choices]
+
+
+def reference_scores(hf, tok, examples, style):
+    """(n, 4) summed log-likelihoods, and the counts of acc and acc_norm, in float64."""
+    lls, correct, correct_norm = [], 0, 0
+    for example in examples:
+        ctx, ends, norms = reference_rows(example, style, tok)
+        ll = []
+        for end in ends:
+            hidden = hf.transformer(torch.tensor([ctx + end])).last_hidden_state[0]   # (T, C)
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(end) - 1)       # those predicting `end`
+            logprobs = torch.log_softmax(hf.lm_head(hidden[positions]), dim=-1)      # (len(end), V)
+            ll.append(logprobs[torch.arange(len(end)), torch.tensor(end)].sum().item())
+        ll = torch.tensor(ll, dtype=torch.float64)
+        correct += int(ll.argmax()) == example["label"]
+        correct_norm += int((ll / torch.tensor(norms, dtype=torch.float64)).argmax()) == example["label"]
+        lls.append(ll)
+    return torch.stack(lls), correct, correct_norm
+
+
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("style", hellaswag.STYLES)
+def test_scores_match_per_example_reference(style, hf_dir, picked, shared_data):
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(shared_data / "gpt2")
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).double().eval()
+    with torch.no_grad():
+        want, correct, correct_norm = reference_scores(hf, tok, picked, style)
+
+    model = GPT.from_pretrained(str(hf_dir), kernels="torch")
+    got = torch.cat([hellaswag.loglikelihoods(model, [hellaswag.render(e, style) for e in picked[i:i + 5]], "cpu")
+                     for i in range(0, len(picked), 5)])
+    err = (got - want).abs().max().item()
+    assert err < 2e-3, f"{style}: summed log-likelihoods differ from the reference by up to {err:.2e}"
+
+    # batches of 4 examples: two full ones and a short one padded with empty rows
+    result = hellaswag.evaluate(model, picked, torch.device("cpu"), style=style, batch_size=4)
+    assert (result["n"], result["correct"], result["correct_norm"]) == (len(picked), correct, correct_norm)
+    assert result["acc"] == correct / len(picked) and result["acc_norm"] == correct_norm / len(picked)
+
+
+# short made-up examples: the forced test trains on them, and every token costs a 50304-way softmax
+FORCED = [
+    ("Cooking", "A man cuts an onion.", "He", ["puts it in the pan.", "sings a song.", "rides a horse.", "falls asleep."], 0),
+    ("Sports", "A girl throws a ball.", "The dog", ["reads a book.", "runs after it.", "paints a wall.", "drives away."], 1),
+    ("Music", "Two men play guitars.", "A crowd", ["eats rice.", "swims fast.", "cheers loudly.", "sells cars."], 2),
+    ("Home", "A woman opens the door.", "She", ["flies up.", "melts.", "writes code.", "walks inside the house."], 3),
+    ("Garden", "A boy waters the plants.", "Then he", ["fixes a car.", "cuts the grass.", "bakes bread.", "swims."], 1),
+]
+
+
+def test_forced_endings_are_answered_right():
+    """A tiny GPT that has memorised the right ending of each example (in both renderings) picks it."""
+    torch.manual_seed(0)
+    examples = [{"activity_label": a, "ctx_a": ca, "ctx_b": cb, "ctx": ca + " " + cb, "endings": ends, "label": label}
+                for a, ca, cb, ends, label in FORCED]
+    rows = []
+    for style in hellaswag.STYLES:
+        for e in examples:
+            r = hellaswag.render(e, style)
+            rows.append(r.context + r.endings[r.label])
+    T = max(len(r) for r in rows)
+    batch = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = torch.tensor(r)
+    inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:].contiguous()
+
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, kernels="torch"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(25):  # all 5 are right from about step 15 on
+        _, loss = model(inputs, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for style in hellaswag.STYLES:
+        result = hellaswag.evaluate(model, examples, "cpu", style=style, batch_size=len(examples))
+        assert result["correct"] == result["correct_norm"] == len(examples), \
+            f"{style}: {result} after memorising the right endings (training loss {loss.item():.3f})"
+
+
+def test_cli_one_rank_and_two_ranks_agree(hf_dir, data_file, tmp_path):
+    flags = ["--model", str(hf_dir), "--data", str(data_file), "--limit", "9", "--batch_size", "2",
+             "--device", "cpu", "--kernels", "torch", "--style", "harness"]
+    one = eval_hellaswag.main(flags + ["--out", str(tmp_path / "one.json")])
+    assert json.loads((tmp_path / "one.json").read_text()) == one
+    assert set(one) == {"acc", "acc_norm", "n", "style", "model"} and one["n"] == 9
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "eval_hellaswag.py"), *flags, "--out", str(tmp_path / "two.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two == one, f"2 ranks {two} vs 1 rank {one}"
+
+
+def test_harness_preprocess():
+    text = " [header] How to x [title] Find  a [step] thing. "
+    assert hellaswag.harness_preprocess(text) == " How to x. Find a thing."  # the harness keeps that space
+    example = {"activity_label": "Cooking", "ctx_a": "A man stands.", "ctx_b": "he CUTS onions", "label": 1,
+               "endings": ["cries.", " [title] Laughs.", "x", "y"]}
+    r = hellaswag.render(example, "harness")
+    assert hellaswag.encode("Cooking: A man stands. He cuts onions") == r.context
+    assert r.norms == [6.0, 8.0, 1.0, 1.0]
+
+
+def test_download_offline_names_data_flag(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="--data FILE"):
+        hellaswag.download("http://127.0.0.1:9/hellaswag_val.jsonl", tmp_path)
+    (tmp_path / "hellaswag_val.jsonl").write_text('{"ctx": "a", "endings": [], "label": 0}\n' * 3)
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
+    assert len(hellaswag.load_examples(limit=2)) == 2   # the cached copy, no network
+
+
+def test_unknown_style():
+    with pytest.raises(ValueError, match="completion, harness"):
+        hellaswag.evaluate(None, [], "cpu", style="nope")
