@@ -63,7 +63,7 @@ def _layer_norm_fwd_kernel(
 @triton.jit
 def _layer_norm_bwd_kernel(
     X, DY, DS, DX, W, MEAN, RSTD,        # X, DY, DS, DX: (rows, C) with row strides; W: (C,); MEAN, RSTD: (rows,)
-    DW_PARTIAL, DB_PARTIAL,              # (programs, C) fp32: one partial sum over rows per program
+    PARTIAL,                             # (2, programs, C) fp32: each program's sums over its rows of dw, db
     stride_x, stride_dy, stride_ds, stride_dx,
     n_rows, n_cols,
     HAS_DS: tl.constexpr,                # fused residual add: the sum's own gradient is added to dx
@@ -74,8 +74,8 @@ def _layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # each program walks the row tiles pid, pid + programs, ...: a fixed order, so dw, db are reproducible
     for tile in range(pid, tl.cdiv(n_rows, BLOCK_M), n_programs):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -94,10 +94,10 @@ def _layer_norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
-        db += dy
-    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
-    tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
+    tl.store(PARTIAL + (n_programs + pid) * n_cols + cols, db, mask=col_mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,10 @@ def _forward(x, delta, weight, bias, eps):
 
 
 def _backward(dy, ds, x, weight, mean, rstd):
-    """Launches the backward kernel; returns (dx, dweight, dbias). x is the normalized input (s when fused).
+    """Launches the backward kernel; returns dx and (dweight, dbias) stacked as (2, C) in weight's dtype.
+
+    x is the normalized input (s when fused). A custom op's outputs may not alias one another, so the
+    two weight gradients leave as one tensor and are split by the caller.
 
     dbias is computed whether or not there is a bias: one more fp32 accumulator, no extra traffic.
     """
@@ -157,19 +160,16 @@ def _backward(dy, ds, x, weight, mean, rstd):
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     cfg = row_config(n_cols)
     programs = persistent_programs(x.device, triton.cdiv(n_rows, cfg.block_m))
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
     # with no rows, the one program still runs and writes zero partials
     wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-        x2, dy2, ds2, dx, weight, mean, rstd, dw_partial, db_partial,
+        x2, dy2, ds2, dx, weight, mean, rstd, partial,
         x2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
         n_rows, n_cols,
         HAS_DS=ds is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )
-    dweight = dw_partial.sum(0).to(weight.dtype)
-    dbias = db_partial.sum(0).to(weight.dtype)
-    return dx.view(x.shape), dweight, dbias
+    return dx.view(x.shape), partial.sum(1).to(weight.dtype)  # one launch for both
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def _add_layer_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 @triton_op("gpt2::layer_norm_bwd", mutates_args={})
 def _layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(dy, ds, x, weight, mean, rstd)
 
 
@@ -208,7 +208,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm_bwd(_grad_or_zeros(dy, x), None, x, weight, mean, rstd)
+    dx, (dweight, dbias) = _layer_norm_bwd(_grad_or_zeros(dy, x), None, x, weight, mean, rstd)
     return dx, dweight, dbias if ctx.has_bias else None, None
 
 
@@ -222,7 +222,7 @@ def _add_layer_norm_setup(ctx, inputs, output):
 
 def _add_layer_norm_backward(ctx, ds, dy, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    dsum, dweight, dbias = _layer_norm_bwd(_grad_or_zeros(dy, s), ds, s, weight, mean, rstd)
+    dsum, (dweight, dbias) = _layer_norm_bwd(_grad_or_zeros(dy, s), ds, s, weight, mean, rstd)
     return dsum.to(ctx.x_dtype), dsum.to(ctx.delta_dtype), dweight, dbias if ctx.has_bias else None, None
 
 
