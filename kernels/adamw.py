@@ -143,19 +143,26 @@ def _sum_squares_kernel(
 
 
 class _Tables:
-    """The device tables of one (param group, dtype): tensor addresses and the block of each program."""
+    """The device tables of the tensors of one dtype in one param group.
 
-    def __init__(self, rows: list, numels: tuple, device, previous=None):
-        self.key = _key(rows, numels)
-        self.numels = numels
+    rows: (param, grad, exp_avg, exp_avg_sq, step) per tensor; held here, so that no address in the
+    table can outlive its tensor. The block table depends on the sizes only, and is reused while
+    just the addresses move.
+    """
+
+    def __init__(self, rows: list, previous=None):
+        self.rows = rows
+        device = rows[0][0].device
+        numels = tuple(row[0].numel() for row in rows)
         addresses = [[t.data_ptr() for t in row] + [n] for row, n in zip(rows, numels)]
         self.table = torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
         self.aligned = all(address % 16 == 0 for row in addresses for address in row[:4])  # not step, numel
-        if previous is not None and previous.numels == numels:  # only addresses moved
+        if previous is not None and previous.numels == numels:
             self.block_tensor, self.block_index = previous.block_tensor, previous.block_index
             self.n_full, self.n_tail = previous.n_full, previous.n_tail
         else:
             self._build_blocks(numels, device)
+        self.numels = numels
 
     def _build_blocks(self, numels: tuple, device) -> None:
         """Full blocks of every tensor first, then the partial last block of each tensor that has one."""
@@ -185,18 +192,38 @@ class _Tables:
                                  num_warps=NUM_WARPS, **meta)
 
 
-def _key(rows: list, numels: tuple) -> tuple:
-    return tuple(t.data_ptr() for row in rows for t in row) + numels
+class _GroupTables:
+    """A param group's tables, one per dtype, for the params that have a grad, and their step counters.
+
+    key: the addresses of those params and grads. Equal keys mean equal tables (exp_avg and
+    exp_avg_sq only change through load_state_dict, which drops every table), so a step costs a
+    tuple of data_ptr() calls, and the tables are rebuilt only when a grad was allocated elsewhere.
+    """
+
+    def __init__(self, key: tuple, params: list, states: list, previous=None):
+        self.key = key
+        rows_by_dtype = {}
+        for p, state in zip(params, states):
+            _check(p)
+            row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+            rows_by_dtype.setdefault(p.dtype, []).append(row)
+        old = previous.by_dtype if previous is not None else {}
+        self.by_dtype = {dtype: _Tables(rows, old.get(dtype)) for dtype, rows in rows_by_dtype.items()}
+        self.steps = [state["step"] for state in states]
 
 
-def _check_param(p: torch.Tensor) -> None:
+def _group_key(params: list) -> tuple:
+    return tuple(map(torch.Tensor.data_ptr, params)) + tuple(p.grad.data_ptr() for p in params)
+
+
+def _check(p: torch.Tensor) -> None:
     if p.grad.is_sparse:
         raise RuntimeError("FusedAdamW does not support sparse gradients")
     if p.dtype not in _TL_DTYPES:
         raise TypeError(f"FusedAdamW takes fp32, bf16 or fp16 parameters, got {p.dtype}")
-    if not p.is_contiguous():
-        raise ValueError(f"FusedAdamW needs contiguous parameters, got shape {tuple(p.shape)} "
-                         f"with strides {p.stride()}")
+    if not (p.is_contiguous() and p.grad.is_contiguous()):
+        raise ValueError(f"FusedAdamW needs contiguous parameters and gradients, got shape {tuple(p.shape)} "
+                         f"with strides {p.stride()} (grad {p.grad.stride()})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +253,7 @@ class FusedAdamW(torch.optim.Optimizer):
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"FusedAdamW keeps all parameters on one device, got {sorted(map(str, devices))}")
-        self._tables = {}          # (group index, dtype) -> _Tables of the last step
+        self._tables = {}          # group index -> _GroupTables of the last step
         self._pending_clip = None  # (norm, max_norm) from clip_grad_norm_, for the next step()
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -238,25 +265,17 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     def _group_tables(self) -> list:
-        """[(group, tensor dtype, _Tables)] over the params that have a grad; states created on first use."""
+        """[(group, _GroupTables)] for every group with a grad; states are created on first use."""
         out = []
         for i, group in enumerate(self.param_groups):
-            by_dtype = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    _check_param(p)
-                    by_dtype.setdefault(p.dtype, []).append(p)
-            for dtype, params in by_dtype.items():
-                rows = []
-                for p in params:
-                    state = self._state(p)
-                    rows.append((p, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"]))
-                tables = self._tables.get((i, dtype))
-                numels = tuple(p.numel() for p in params)
-                if tables is None or tables.key != _key(rows, numels):
-                    tables = self._tables[(i, dtype)] = _Tables(rows, numels, params[0].device, tables)
-                # hold the rows until the launch: a grad made contiguous here lives only in them
-                out.append((group, dtype, tables, rows))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            key = _group_key(params)
+            tables = self._tables.get(i)
+            if tables is None or tables.key != key:
+                tables = self._tables[i] = _GroupTables(key, params, [self._state(p) for p in params], tables)
+            out.append((group, tables))
         return out
 
     @torch.no_grad()
@@ -272,9 +291,10 @@ class FusedAdamW(torch.optim.Optimizer):
             norm = torch.zeros((), dtype=torch.float32, device=device)
         else:
             partials = []
-            for _, dtype, tables, _rows in all_tables:
-                partials.append(torch.empty(tables.n_blocks, dtype=torch.float32, device=tables.table.device))
-                tables.launch(_sum_squares_kernel, partials[-1], P_DTYPE=_TL_DTYPES[dtype])
+            for _, group_tables in all_tables:
+                for dtype, tables in group_tables.by_dtype.items():
+                    partials.append(torch.empty(tables.n_blocks, dtype=torch.float32, device=tables.table.device))
+                    tables.launch(_sum_squares_kernel, partials[-1], P_DTYPE=_TL_DTYPES[dtype])
             norm = torch.cat(partials).sum().sqrt()
         self._pending_clip = (norm, float(max_norm))
         return norm
@@ -293,15 +313,16 @@ class FusedAdamW(torch.optim.Optimizer):
             if group.get("amsgrad") or group.get("maximize"):
                 raise ValueError("FusedAdamW supports neither amsgrad nor maximize")
         all_tables = self._group_tables()
-        steps = [row[-1] for _, _, _, rows in all_tables for row in rows]  # rows: (p, g, m, v, step)
+        steps = [step for _, group_tables in all_tables for step in group_tables.steps]
         if steps:
             torch._foreach_add_(steps, 1.0)
         norm, max_norm = self._pending_clip or (None, 0.0)
-        for group, dtype, tables, _rows in all_tables:
+        for group, group_tables in all_tables:
             beta1, beta2 = group["betas"]
-            tables.launch(_adamw_kernel, norm, max_norm, float(group["lr"]), float(group["weight_decay"]),
-                          1.0 - float(beta1), 1.0 - float(beta2), float(group["eps"]),
-                          P_DTYPE=_TL_DTYPES[dtype], CLIP=norm is not None)
+            hyper = (float(group["lr"]), float(group["weight_decay"]), 1.0 - float(beta1), 1.0 - float(beta2),
+                     float(group["eps"]))
+            for dtype, tables in group_tables.by_dtype.items():
+                tables.launch(_adamw_kernel, norm, max_norm, *hyper, P_DTYPE=_TL_DTYPES[dtype], CLIP=norm is not None)
         self._pending_clip = None
         return loss
 
