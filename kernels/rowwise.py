@@ -5,7 +5,7 @@ and the shapes it meets vary in one number only, the row length C. That makes au
 (STYLE.md rule 4): the tile and the warp count follow from C here, in one place.
 
     cfg = row_config(n_cols)          # cfg.block_n, cfg.block_m, cfg.num_warps
-    grid = persistent_programs(device, n_tiles)
+    grid = persistent_programs(device)
 
 Design limit: a row of at most MAX_COLS elements. Fast up to 8192 columns (one row, 16 warps, no spills);
 at 16384 the LayerNorm backward spills registers; longer rows would need a loop over column blocks.
@@ -29,6 +29,7 @@ class RowConfig:
 
 
 def row_config(n_cols: int) -> RowConfig:
+    n_cols = int(n_cols)  # under torch.compile with dynamic shapes: specialize on C, a model constant
     if n_cols > MAX_COLS:
         raise ValueError(f"row-wise kernels take rows of at most {MAX_COLS} elements, got {n_cols}")
     block_n = triton.next_power_of_2(max(n_cols, 1))
@@ -46,15 +47,15 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def persistent_programs(device: torch.device, n_tiles: int, per_sm: int = 4) -> int:
-    """Programs for a kernel that loops over tiles (a fixed grid keeps a reduction's order fixed).
+def persistent_programs(device: torch.device, per_sm: int = 4) -> int:
+    """Programs for a kernel that loops over row tiles: a fixed grid keeps a reduction's order fixed.
 
     On the GPU: `per_sm` programs per multiprocessor, enough to hide memory latency while the
     per-program partial sums stay a small fraction of the traffic. Elsewhere (the interpreter) a few.
+    The count does not depend on the number of rows (programs without a tile write zero partials),
+    so a compiled graph does not specialize on the batch size.
     """
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        programs = per_sm * _multiprocessors(index)
-    else:
-        programs = 4
-    return max(1, min(n_tiles, programs))
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return per_sm * _multiprocessors(index)
