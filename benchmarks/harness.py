@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from gpt2.runtime import peak_bf16_flops
+
 MODES = ("forward", "backward", "full")
 COMPILED = "torch.compile"
 
@@ -63,19 +65,24 @@ class StepBench:
     smoke_configs: list[dict]
     baseline: str = "torch"
     dtype: torch.dtype = torch.float32
-    # smoke mode: step() returns tensors (or a list of them) compared with the baseline's
+    tokens: Callable[[dict], int] | None = None  # tokens per step, for a tokens/s column
+    warmup_ms: int = 25
+    rep_ms: int = 100
+    # smoke mode: step() returns tensors (or a list of them) compared with smoke_baseline's; providers
+    # named "...compile..." are left out there (torch.compile cannot trace kernels in the interpreter)
     smoke_tol: float = 1e-4
+    smoke_baseline: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
 # measuring
 
 
-def do_bench(fn, grad_to_none=None) -> float:
-    """Median milliseconds of fn() on the GPU."""
+def do_bench(fn, grad_to_none=None, warmup=25, rep=100) -> float:
+    """Median milliseconds of fn() on the GPU (runs for about warmup + rep milliseconds)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def measure_ceilings(device) -> dict:
@@ -165,10 +172,15 @@ def time_step(bench: StepBench, device, ceilings) -> list[dict]:
             row = {"config": config, "provider": provider, "mode": "step"}
             try:
                 step = factory(config, device, bench.dtype)
-                row["ms"] = do_bench(step)
+                row["ms"] = do_bench(step, warmup=bench.warmup_ms, rep=bench.rep_ms)
                 row["peak_MB"] = _peak_mb(step, device)
                 row["rate"] = rate(bench.unit, bench.work(config), row["ms"])
                 row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
+                if bench.tokens:
+                    row["tokens_per_s"] = bench.tokens(config) / row["ms"] * 1e3
+                peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+                if bench.unit == "TFLOP/s" and peak:
+                    row["of_datasheet"] = row["rate"] * 1e12 / peak
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(row)
@@ -208,7 +220,7 @@ def smoke_op(bench: OpBench, device) -> list[dict]:
             if "backward" in bench.modes and differentiable:
                 torch.autograd.backward(differentiable, grads)
             results[provider] = [*outs, *(t.grad for t in _leaves(inputs))]
-        rows += _compare(bench, config, results)
+        rows += _compare(bench, config, results, bench.baseline)
     return rows
 
 
@@ -217,15 +229,17 @@ def smoke_step(bench: StepBench, device) -> list[dict]:
     for config in bench.smoke_configs:
         results = {}
         for provider, factory in bench.providers.items():
+            if "compile" in provider:
+                continue
             torch.manual_seed(0)
             step = factory(config, device, torch.float32)
             results[provider] = list(_as_tuple(step()))
-        rows += _compare(bench, config, results)
+        rows += _compare(bench, config, results, bench.smoke_baseline or bench.baseline)
     return rows
 
 
-def _compare(bench, config, results) -> list[dict]:
-    reference = results[bench.baseline]
+def _compare(bench, config, results, baseline) -> list[dict]:
+    reference = results[baseline]
     rows = []
     for provider, tensors in results.items():
         if len(tensors) != len(reference):
@@ -276,21 +290,29 @@ def _config_label(config: dict) -> str:
 
 def markdown_table(bench, rows) -> str:
     if rows and rows[0]["mode"] == "smoke":
-        lines = ["| config | provider | max abs diff vs " + bench.baseline + " | ok |", "|---|---|---|---|"]
+        baseline = getattr(bench, "smoke_baseline", None) or bench.baseline
+        lines = ["| config | provider | max abs diff vs " + baseline + " | ok |", "|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {_config_label(r['config'])} | {r['provider']} | {r['max_abs_diff']:.2e} | "
                          f"{'yes' if r['ok'] else 'NO'} |")
         return "\n".join(lines)
     ceiling = "copy" if bench.unit == "GB/s" else "matmul"
-    lines = [f"| config | mode | provider | ms | {bench.unit} | % of {ceiling} | peak MB | vs {bench.baseline} |",
-             "|---|---|---|---|---|---|---|---|"]
+    extra = [(key, title) for key, title in (("tokens_per_s", "tokens/s"), ("of_datasheet", "% of datasheet"))
+             if any(key in r for r in rows)]
+    head = [f"config | mode | provider | ms | {bench.unit} | % of {ceiling}", *(t for _, t in extra), "peak MB",
+            f"vs {bench.baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 5)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {_config_label(r['config'])} | {r['mode']} | {r['provider']} | n/a ({r['error']}) | | | | |")
+            lines.append(f"| {_config_label(r['config'])} | {r['mode']} | {r['provider']} | n/a ({r['error']}) |")
             continue
-        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        lines.append(f"| {_config_label(r['config'])} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
-                     f"{r['rate']:.1f} | {100 * r['of_ceiling']:.1f} | {r['peak_MB']:.0f} | {speedup} |")
+        cells = [_config_label(r["config"]), r["mode"], r["provider"], f"{r['ms']:.4f}", f"{r['rate']:.1f}",
+                 f"{100 * r['of_ceiling']:.1f}"]
+        for key, _ in extra:
+            value = r.get(key)
+            cells.append("" if value is None else f"{100 * value:.1f}" if key == "of_datasheet" else f"{value:,.0f}")
+        cells += [f"{r['peak_MB']:.0f}", f"{r['speedup']:.2f}x" if "speedup" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,14 @@ import torch.distributed as dist
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# bf16 dense peak FLOP/s by GPU name, for MFU (datasheet numbers without sparsity; SXM parts)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu; anything else is checked, with a clear error."""

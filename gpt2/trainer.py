@@ -24,11 +24,7 @@ from gpt2.checkpoint import (check_same_shape, checkpoint_path, latest_checkpoin
                              restore_rng, save_checkpoint, unwrap)
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, GPTConfig
-from gpt2.runtime import DTYPES, Distributed, all_reduce_sum, autocast
-
-# bf16 dense peak FLOP/s by GPU name, for MFU (the datasheet numbers without sparsity)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+from gpt2.runtime import DTYPES, Distributed, all_reduce_sum, autocast, peak_bf16_flops
 
 
 class TrainError(Exception):
@@ -121,14 +117,44 @@ def resolve_kernels(spec: str, device: torch.device) -> str:
     return ops_module.resolve(spec).spec  # validates, with the message that lists the names
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
 # ---------------------------------------------------------------------------------------------
+# one optimizer step, shared by the trainer and benchmarks/bench_train.py
+
+
+def accumulate_gradients(model, batches, device, dtype: str, scaler) -> torch.Tensor:
+    """Forward and backward over the micro-batches [(x, y), ...]; returns their mean loss (no host sync).
+
+    Under DDP the gradients are all-reduced once, after the last micro-step.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro_step == len(batches) - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            loss = loss / len(batches)
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+    return loss_sum
+
+
+def clip_and_step(optimizer, model, grad_clip: float, scaler) -> torch.Tensor:
+    """Clip the global grad norm to grad_clip (inside FusedAdamW's update when it offers that), step,
+    and clear the gradients. Returns the norm before clipping (zero when clipping is off)."""
+    norm = torch.zeros((), device=next(model.parameters()).device)
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        if hasattr(optimizer, "clip_grad_norm_"):
+            norm = optimizer.clip_grad_norm_(grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 class Run:
@@ -166,7 +192,7 @@ class Run:
         if cfg.resume:
             self._resume()
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
-        self.peak = peak_flops(device)
+        self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
@@ -310,27 +336,14 @@ class Run:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro_step in range(self.grad_accum):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            sync = contextlib.nullcontext()
-            if self.ddp.enabled and micro_step < self.grad_accum - 1:
-                sync = self.model.no_sync()  # all-reduce the gradients once, after the last micro-step
-            with sync:
-                with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y)
-                loss = loss / self.grad_accum
-                loss_sum += loss.detach()
-                self.scaler.scale(loss).backward()
-        all_reduce_sum(loss_sum)
+        batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
+        loss = accumulate_gradients(self.model, batches, self.device, self.dtype, self.scaler)
+        all_reduce_sum(loss)
         lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = self.clip_and_step()
-        loss_value, norm_value = torch.stack([loss_sum / self.ddp.world_size, grad_norm.float()]).tolist()
+        grad_norm = clip_and_step(self.optimizer, self.raw_model, self.cfg.grad_clip, self.scaler)
+        loss_value, norm_value = torch.stack([loss / self.ddp.world_size, grad_norm.float()]).tolist()
         dt = time.perf_counter() - t0  # .tolist() waited for the GPU: the step is done
         tokens_per_sec = self.cfg.total_batch_size / dt
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
@@ -338,21 +351,6 @@ class Run:
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak
         return record
-
-    def clip_and_step(self) -> torch.Tensor:
-        """Clip the global grad norm to grad_clip (inside FusedAdamW's update when it offers that), then step."""
-        if self.cfg.grad_clip <= 0:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return torch.zeros((), device=self.device)
-        self.scaler.unscale_(self.optimizer)
-        if hasattr(self.optimizer, "clip_grad_norm_"):
-            grad_norm = self.optimizer.clip_grad_norm_(self.cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return grad_norm
 
     def run(self):
         cfg = self.cfg
