@@ -47,8 +47,6 @@ unclipped values, while the update equals clip-then-step. zero_grad() discards a
 Design limits: dense, contiguous parameters on one device; fp32, bf16 and fp16 parameters; no amsgrad,
 no maximize; a float lr (a CPU tensor works too, a CUDA tensor would synchronise).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -145,13 +143,15 @@ def _sum_squares_kernel(
 class _Tables:
     """The device tables of the tensors of one dtype in one param group.
 
-    rows: (param, grad, exp_avg, exp_avg_sq, step) per tensor; held here, so that no address in the
-    table can outlive its tensor. The block table depends on the sizes only, and is reused while
-    just the addresses move.
+    rows: (param, grad, exp_avg, exp_avg_sq, step) per tensor. All but the grad are held here, so
+    that their addresses cannot outlive them; the grad is not, so that zero_grad(set_to_none=True)
+    frees it -- the cache key holds the grads' addresses instead, so a table is only used while
+    the grads it names are the live p.grad. The block table depends on the sizes only, and is
+    reused while just the addresses move.
     """
 
     def __init__(self, rows: list, previous=None):
-        self.rows = rows
+        self.held = [(p, m, v, step) for p, _, m, v, step in rows]
         device = rows[0][0].device
         numels = tuple(row[0].numel() for row in rows)
         addresses = [[t.data_ptr() for t in row] + [n] for row, n in zip(rows, numels)]

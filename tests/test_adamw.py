@@ -171,6 +171,35 @@ def test_bf16_params_fp32_states(device):
     assert e <= 1e-5, f"exp_avg_sq: {e:.2e}"
 
 
+def test_zero_grad_frees_grads_and_drops_clip(device):
+    """The table cache must not keep grads alive (zero_grad(set_to_none=True) frees them), and a
+    clip measured on grads that were then zeroed must not reach the next step."""
+    import weakref
+
+    params = make_params(device)
+    ref_params = clone_params(params)
+    opt = FusedAdamW(groups(params), **HYPER)
+    ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
+    set_grads([params, ref_params], it=0, scale=10.0)
+    opt.step()
+    ref.step()
+    grad = weakref.ref(params[3].grad)
+    opt.clip_grad_norm_(1e-3)
+    opt.zero_grad()
+    assert grad() is None, "the optimizer still holds a gradient after zero_grad()"
+    set_grads([params, ref_params], it=1)
+    opt.step()
+    ref.step()
+    assert max_rel_err(params, ref_params) <= 1e-6, f"step after zero_grad: {max_rel_err(params, ref_params):.2e}"
+
+
+def test_non_contiguous_param_raises():
+    p = torch.nn.Parameter(torch.randn(8, 6).t())
+    p.grad = torch.randn(8, 6).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        FusedAdamW([p]).step()
+
+
 @pytest.mark.parametrize("kwargs", [dict(lr=-1e-3), dict(eps=-1.0), dict(betas=(1.0, 0.9)),
                                     dict(betas=(0.9, -0.1)), dict(weight_decay=-0.1)])
 def test_bad_arguments_raise_like_torch(kwargs):
