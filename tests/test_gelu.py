@@ -52,6 +52,10 @@ def test_gelu(shape, dtype, device, poison):
     check(torch.randn(shape, device=device) * 3 + 0.5, dtype)
 
 
+def test_bfloat16(device, poison):
+    check(torch.randn(37, 300, device=device) * 3 + 0.5, torch.bfloat16)
+
+
 def test_extreme_values(device, poison):
     x = torch.tensor([-1e4, -50.0, -10.0, -1e-6, 0.0, 1e-6, 10.0, 50.0, 1e4], device=device)
     check(x, torch.float32)
