@@ -122,3 +122,22 @@ def test_errors_are_messages_not_tracebacks(shakespeare, tmp_path, capsys, monke
 
     monkeypatch.setattr(Run, "train_step", out_of_memory)
     expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, match="lower --batch_size")
+
+
+def test_checkpoints_feed_sample_and_hellaswag(shakespeare, shared_data, tmp_path, capsys):
+    import eval_hellaswag
+    import sample
+
+    assert run_train("--data", shakespeare, "--out_dir", tmp_path, "--max_steps", 2, "--checkpoint_interval", 2) == 0
+    checkpoint = tmp_path / "ckpt_000002.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+    assert state["step"] == 2 and state["train_config"]["n_embd"] == 64
+    capsys.readouterr()
+    assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "ROMEO:", "--num_samples", "2",
+                        "--max_new_tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("> ROMEO:") == 2
+    out = tmp_path / "hellaswag.json"
+    eval_hellaswag.main(["--checkpoint", str(checkpoint), "--data", str(shared_data / "hellaswag_val.jsonl"),
+                         "--limit", "4", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["n"] == 4
