@@ -54,30 +54,31 @@ _LOG2E = math.log2(math.e)
 # autotuning
 
 
-def _configs(block_a, block_b, divides):
-    """Block-size configs for one kernel. block_a is the size of the block a program owns, block_b
-    the size of the blocks it loops over; `divides(a, b)` says which pairs keep the causal diagonal
-    aligned (the diagonal stage steps by the smaller block inside the larger one). The interpreter
-    gets one small config: autotuning there would only be slow, and small blocks exercise the
-    multi-block and ragged paths at the tiny T the tests use."""
+def _configs(owned, stepped, gpu_sizes, interpreter_sizes):
+    """Autotuning configs for a kernel whose programs each own an `owned`-sized block and step over
+    the other sequence by `stepped`-sized blocks. The stepped size must divide the owned one: the
+    causal diagonal stage steps through the owned block. The interpreter gets one small config:
+    autotuning there would only be slow, and small blocks exercise the multi-block and ragged
+    paths at the tiny T the tests use."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_A": block_a[0], "BLOCK_B": block_b[0]}, num_warps=4, num_stages=1)]
+        a, b = interpreter_sizes
+        return [triton.Config({owned: a, stepped: b}, num_warps=4, num_stages=1)]
+    owned_sizes, stepped_sizes = gpu_sizes
     return [
-        triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=warps, num_stages=stages)
-        for a in block_a[1:]
-        for b in block_b[1:]
+        triton.Config({owned: a, stepped: b}, num_warps=warps, num_stages=stages)
+        for a in owned_sizes
+        for b in stepped_sizes
         for warps in (4, 8)
         for stages in (2, 3, 4)
-        if divides(a, b)
+        if a % b == 0
     ]
 
 
-# forward and dq: a program owns BLOCK_A queries and steps over keys by BLOCK_B (BLOCK_B | BLOCK_A);
-# dk/dv: a program owns BLOCK_A keys and steps over queries by BLOCK_B (BLOCK_B | BLOCK_A).
-# The first entry of each tuple is the interpreter's block size.
-_FWD_CONFIGS = _configs((32, 64, 128), (16, 32, 64, 128), lambda a, b: a % b == 0)
-_DQ_CONFIGS = _configs((32, 64, 128), (16, 32, 64), lambda a, b: a % b == 0)
-_DKDV_CONFIGS = _configs((32, 64, 128), (16, 32, 64), lambda a, b: a % b == 0)
+# forward and dq: a program owns BLOCK_M queries and steps over the keys BLOCK_N at a time;
+# dk/dv: a program owns BLOCK_N keys and steps over the queries BLOCK_M at a time.
+_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", ((64, 128), (32, 64, 128)), (32, 16))
+_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", ((64, 128), (32, 64)), (32, 16))
+_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", ((64, 128), (32, 64)), (32, 16))
 _TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tensors' dtypes
 
 
@@ -97,14 +98,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, l
         else:
             k = tl.load(k_ptrs + start_n * stride_kt)
             v = tl.load(v_ptrs + start_n * stride_vt)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                             # (BLOCK_M, BLOCK_N), base 2
+        s = tl.dot(q, tl.trans(k))                        # (BLOCK_M, BLOCK_N), unscaled: see below
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if BOUNDS:
             s = tl.where(offs_n[None, :] < T, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # scaling inside the exponent makes it one fused multiply-add per score (qk_scale > 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
@@ -121,10 +123,8 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_ot,
     H, T, T_BUCKET, qk_scale,                          # T_BUCKET: the autotuning key, next_power_of_2(T)
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # queries per program, keys per step
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
-    BLOCK_M: tl.constexpr = BLOCK_A
-    BLOCK_N: tl.constexpr = BLOCK_B
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks have the most work: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -209,12 +209,12 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, st
             do = tl.load(do_ptrs + start_m * stride_dot)
             lse = tl.load(lse_ptr + offs_m)
             delta = tl.load(delta_ptr + offs_m)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale                           # (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q))                                       # (BLOCK_N, BLOCK_M)
         if CAUSAL_MASK:
             s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
         if KEY_BOUNDS:
             s_t = tl.where(offs_n[:, None] < T, s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -233,10 +233,8 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkt,                # dk and dv share one layout
     H, T, T_BUCKET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # keys per program, queries per step
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,      # keys per program, queries per step
 ):
-    BLOCK_N: tl.constexpr = BLOCK_A
-    BLOCK_M: tl.constexpr = BLOCK_B
     pid_n = tl.program_id(0)  # causal: the first key blocks have the most work and already start first
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -287,12 +285,12 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_
         else:
             k = tl.load(k_ptrs + start_n * stride_kt)
             v = tl.load(v_ptrs + start_n * stride_vt)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if BOUNDS:  # a zero key past T would still get P = exp2(-LSE), which can overflow
             s = tl.where(offs_n[None, :] < T, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -310,10 +308,8 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqt,
     H, T, T_BUCKET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,      # queries per program, keys per step
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
-    BLOCK_M: tl.constexpr = BLOCK_A
-    BLOCK_N: tl.constexpr = BLOCK_B
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks have the most work: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -392,7 +388,7 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_A"]), B * H)
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     wrap_triton(_attn_fwd)[grid](
         q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
@@ -417,16 +413,19 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
     )
 
-    def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_A"]), B * H)
+    def dkdv_grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+
+    def dq_grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     qk_scale = sm_scale * _LOG2E
     t_bucket = triton.next_power_of_2(T)
-    wrap_triton(_attn_bwd_dkdv)[grid](
+    wrap_triton(_attn_bwd_dkdv)[dkdv_grid](
         q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
     )
-    wrap_triton(_attn_bwd_dq)[grid](
+    wrap_triton(_attn_bwd_dq)[dq_grid](
         q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
     )
@@ -479,5 +478,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
+    if not sm_scale > 0:
+        raise ValueError(f"flash_attention wants sm_scale > 0, got {sm_scale}")
     o, _ = _flash_attention_fwd(q, k, v, causal, float(sm_scale))
     return o
