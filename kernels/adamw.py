@@ -285,17 +285,15 @@ class FusedAdamW(torch.optim.Optimizer):
         Returns the total norm before clipping, like torch.nn.utils.clip_grad_norm_. The grads are
         left unclipped: step() scales them by min(1, max_norm / (norm + 1e-6)) as it reads them.
         """
-        all_tables = self._group_tables()
-        if not all_tables:
-            device = next(p.device for group in self.param_groups for p in group["params"])
-            norm = torch.zeros((), dtype=torch.float32, device=device)
-        else:
-            partials = []
-            for _, group_tables in all_tables:
-                for dtype, tables in group_tables.by_dtype.items():
-                    partials.append(torch.empty(tables.n_blocks, dtype=torch.float32, device=tables.table.device))
-                    tables.launch(_sum_squares_kernel, partials[-1], P_DTYPE=_TL_DTYPES[dtype])
-            norm = torch.cat(partials).sum().sqrt()
+        all_tables = [(dtype, tables) for _, group_tables in self._group_tables()
+                      for dtype, tables in group_tables.by_dtype.items()]
+        device = next(p.device for group in self.param_groups for p in group["params"])
+        partials = torch.empty(sum(tables.n_blocks for _, tables in all_tables), dtype=torch.float32, device=device)
+        start = 0
+        for dtype, tables in all_tables:
+            tables.launch(_sum_squares_kernel, partials[start:], P_DTYPE=_TL_DTYPES[dtype])
+            start += tables.n_blocks
+        norm = partials.sum().sqrt()
         self._pending_clip = (norm, float(max_norm))
         return norm
 
