@@ -29,7 +29,11 @@ the loads from vectorising), the tail launch is a few hundred programs at most. 
 building the table, but they need the parameters, and the gradients autograd allocates, to be views
 into one buffer -- which fights zero_grad(set_to_none=True), DDP's buckets, checkpoint loading and
 weight tying. The table leaves every tensor where its owner put it, and it works unchanged under the
-Triton interpreter, where a CPU tensor's data_ptr() is a real address.
+Triton interpreter, where a CPU tensor's data_ptr() is a real address. A step is thus one
+torch._foreach_add_ on the step counters plus two launches per param group and dtype (five for
+GPT-2's two groups); the host's part is a tuple of data_ptr() calls compared with the cached key, the
+tables being rebuilt only when a param or grad was (re)allocated elsewhere. State tensors are meant to
+be replaced only through load_state_dict, which drops the cached tables.
 
 Runtime values, never constexpr: lr, betas, eps, weight_decay, max_norm (floats, which Triton never
 specialises) and the step (read from memory), so a learning-rate schedule never recompiles, and no
@@ -44,8 +48,10 @@ torch.nn.utils.clip_grad_norm_. It does NOT rewrite the gradients: the next step
 gradient by the clip coefficient as it reads it, so p.grad after clip_grad_norm_ still holds the
 unclipped values, while the update equals clip-then-step. zero_grad() discards a pending clip.
 
-Design limits: dense, contiguous parameters on one device; fp32, bf16 and fp16 parameters; no amsgrad,
-no maximize; a float lr (a CPU tensor works too, a CUDA tensor would synchronise).
+Design limits: dense, contiguous parameters and gradients on one device; fp32, bf16 and fp16
+parameters; no amsgrad, no maximize; a float lr (a CPU tensor works too, a CUDA tensor would
+synchronise). Under the Triton 3.9 interpreter the fp32 -> bf16 store truncates instead of rounding
+to nearest even (an interpreter gap; the GPU rounds), which the bf16 test accounts for.
 """
 import torch
 import triton
@@ -231,7 +237,8 @@ def _check(p: torch.Tensor) -> None:
 
 
 class FusedAdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW (same math, same state_dict) in one Triton launch per param group and dtype.
+    """torch.optim.AdamW (same math, same state_dict) in one pass per param group and dtype: a launch
+    over every full block of its tensors and one over their partial last blocks.
 
     clip_grad_norm_(max_norm) returns the global grad norm and folds the clip into the next step()
     without touching p.grad; see the module docstring.

@@ -211,8 +211,9 @@ def test_bad_arguments_raise_like_torch(kwargs):
 
 
 @pytest.mark.gpu
-def test_gpt2_sized_tensors_no_recompile_on_lr_change():
-    """Tensors of many blocks on the GPU; a new lr every step reuses the compiled kernel."""
+def test_gpt2_sized_tensors_no_recompile_no_sync():
+    """Tensors of many blocks on the GPU; a new lr every step reuses the compiled kernels, and
+    neither clip_grad_norm_ nor step synchronises with the host."""
     from kernels.adamw import _adamw_kernel
 
     device = torch.device("cuda")
@@ -220,9 +221,16 @@ def test_gpt2_sized_tensors_no_recompile_on_lr_change():
     ref_params = clone_params(params)
     opt = FusedAdamW(groups(params), **HYPER)
     ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
-    run([opt, ref], [params, ref_params], steps=2)
-    kernel_cache = _adamw_kernel.device_caches[torch.cuda.current_device()][0]
-    compiled = len(kernel_cache)
-    run([opt, ref], [params, ref_params], steps=6, start=2)
-    assert len(kernel_cache) == compiled
+    for optimizer, ps in ((opt, params), (ref, ref_params)):
+        torch.manual_seed(1)
+        run([optimizer], [ps], steps=2, clip=1.0)
+        if optimizer is opt:
+            kernel_cache = _adamw_kernel.device_caches[torch.cuda.current_device()][0]
+            compiled = len(kernel_cache)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            run([optimizer], [ps], steps=6, start=2, clip=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert len(kernel_cache) == compiled, "a new lr recompiled the kernel"
     assert max_rel_err(params, ref_params) <= 1e-6, f"params: {max_rel_err(params, ref_params):.2e}"
