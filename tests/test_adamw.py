@@ -48,9 +48,10 @@ def run(optimizers, param_lists, steps, start=0, clip=None):
         for opt, params in zip(optimizers, param_lists):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(it)
-            if clip is not None:
-                clip_fn = getattr(opt, "clip_grad_norm_", None)
-                clip_fn(clip) if clip_fn else torch.nn.utils.clip_grad_norm_(params, clip)
+            if clip is not None and isinstance(opt, FusedAdamW):
+                opt.clip_grad_norm_(clip)
+            elif clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
 
 
