@@ -161,6 +161,7 @@ def time_op(bench: OpBench, device, ceilings) -> list[dict]:
                 except Exception as err:  # a provider the machine lacks (a cuDNN backend, say)
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 rows.append(row)
+                inputs = step = None
                 torch.cuda.empty_cache()
     return _add_speedups(rows, bench.baseline)
 
@@ -184,6 +185,7 @@ def time_step(bench: StepBench, device, ceilings) -> list[dict]:
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(row)
+            step = None  # free this provider's model and optimizer before the next one is built
             torch.cuda.empty_cache()
     return _add_speedups(rows, bench.baseline)
 
