@@ -87,17 +87,20 @@ _TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tenso
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
-               BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
     """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
         if BOUNDS:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=(offs_n < T)[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=(offs_n < T)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k))                        # (BLOCK_M, BLOCK_N), unscaled: see below
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -133,12 +136,11 @@ def _attn_fwd(
     off_h = (off_bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    K_bh = K + off_b * stride_kb + off_h * stride_kh
+    V_bh = V + off_b * stride_vb + off_h * stride_vh
     q = tl.load(q_ptrs, mask=(offs_m < T)[:, None], other=0.0)
 
     # m starts finite so that a row with no visible key in a block never computes -inf - (-inf)
@@ -146,16 +148,16 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:  # keys below this query block, then the diagonal block (masked), nothing above
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                   0, start_m, T, qk_scale, BLOCK_N, False, False)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                                   0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, True)
     else:  # whole key blocks, then the ragged last one (masked)
         t_whole = T // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                   0, t_whole, T, qk_scale, BLOCK_N, False, False)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                   t_whole, T, T, qk_scale, BLOCK_N, False, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                                   0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                                   t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True)
 
     o = acc / l_i[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -190,25 +192,29 @@ def _bwd_delta(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, lo, hi, T,
-                qk_scale, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, T, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
                 KEY_BOUNDS: tl.constexpr):
     """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
-    rows are keys, columns queries). KEY_BOUNDS zeroes P for keys past T (zero rows of k): their rows are never stored,
-    but exp2(-LSE) can overflow there (the causal mask already covers them in the causal case)."""
+    rows are keys, columns queries). KEY_BOUNDS zeroes P for the keys past T (zero rows of k):
+    those rows are never stored, but exp2(-LSE) can overflow there. In the causal case the causal
+    mask already covers them."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]
         if BOUNDS:  # a query row past T gets LSE = +inf, hence P = 0: it adds nothing
             rows = offs_m < T
-            q = tl.load(q_ptrs + start_m * stride_qt, mask=rows[:, None], other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dot, mask=rows[:, None], other=0.0)
-            lse = tl.load(lse_ptr + offs_m, mask=rows, other=float("inf"))
-            delta = tl.load(delta_ptr + offs_m, mask=rows, other=0.0)
+            q = tl.load(q_ptrs, mask=rows[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=rows[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=rows, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
         else:
-            q = tl.load(q_ptrs + start_m * stride_qt)
-            do = tl.load(do_ptrs + start_m * stride_dot)
-            lse = tl.load(lse_ptr + offs_m)
-            delta = tl.load(delta_ptr + offs_m)
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
         s_t = tl.dot(k, tl.trans(q))                                       # (BLOCK_N, BLOCK_M)
         if CAUSAL_MASK:
             s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
@@ -241,7 +247,6 @@ def _attn_bwd_dkdv(
     off_h = (off_bh % H).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
 
     cols = (offs_n < T)[:, None]
@@ -249,24 +254,25 @@ def _attn_bwd_dkdv(
                 mask=cols, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=cols, other=0.0)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
-    lse_ptr = LSE + off_bh.to(tl.int64) * T
-    delta_ptr = DELTA + off_bh.to(tl.int64) * T
+    Q_bh = Q + off_b * stride_qb + off_h * stride_qh
+    DO_bh = DO + off_b * stride_dob + off_h * stride_doh
+    LSE_bh = LSE + off_bh.to(tl.int64) * T
+    DELTA_bh = DELTA + off_bh.to(tl.int64) * T
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     t_whole = T // BLOCK_M * BLOCK_M
     if CAUSAL:  # the diagonal block (masked), then the query blocks below it; none above
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, BLOCK_M, True, True, False)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
+                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, True, False)
         lo = start_n + BLOCK_N
     else:
         lo = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                         lo, t_whole, T, qk_scale, BLOCK_M, False, False, not CAUSAL)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n,
-                         tl.maximum(lo, t_whole), T, T, qk_scale, BLOCK_M, False, True, not CAUSAL)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
+                         lo, t_whole, T, qk_scale, HEAD_DIM, BLOCK_M, False, False, not CAUSAL)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
+                         tl.maximum(lo, t_whole), T, T, qk_scale, HEAD_DIM, BLOCK_M, False, True, not CAUSAL)
 
     out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
@@ -274,17 +280,20 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
-              BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
     """Adds the contributions of key blocks [lo, hi) to one query block's dq."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
         if BOUNDS:
-            k = tl.load(k_ptrs + start_n * stride_kt, mask=(offs_n < T)[:, None], other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vt, mask=(offs_n < T)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kt)
-            v = tl.load(v_ptrs + start_n * stride_vt)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k))
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -318,7 +327,6 @@ def _attn_bwd_dq(
     off_h = (off_bh % H).to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
     rows = offs_m < T
@@ -328,21 +336,21 @@ def _attn_bwd_dq(
                  mask=rows[:, None], other=0.0)
     lse = tl.load(LSE + off_bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    K_bh = K + off_b * stride_kb + off_h * stride_kh
+    V_bh = V + off_b * stride_vb + off_h * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
-        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                       0, start_m, T, qk_scale, BLOCK_N, False, False)
-        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, BLOCK_N, True, True)
+        dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                       0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+        dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, True)
     else:
         t_whole = T // BLOCK_N * BLOCK_N
-        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                       0, t_whole, T, qk_scale, BLOCK_N, False, False)
-        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                       t_whole, T, T, qk_scale, BLOCK_N, False, True)
+        dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                       0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+        dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
+                       t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True)
 
     out = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
