@@ -106,6 +106,20 @@ def test_very_negative_scores(causal, device):
         check(name, g.detach().cpu(), w, l.detach().cpu(), atol=1e-5)
 
 
+def test_causal_blocks_above_the_diagonal_are_never_read(device):
+    """A NaN in the last key/value row: a masked (rather than skipped) block would still multiply it
+    by P = 0 and spread NaN into every earlier query block. Holds for query blocks up to 128."""
+    B, H, T, D = 1, 2, 200, 32
+    q, k, v = (torch.randn(B, H, T, D, device=device, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        k[:, :, -1] = float("nan")
+        v[:, :, -1] = float("nan")
+    y = flash_attention(q, k, v, causal=True)
+    y.backward(torch.randn_like(y))
+    early = slice(0, T - 1 - 128)
+    assert torch.isfinite(y[:, :, early]).all() and torch.isfinite(q.grad[:, :, early]).all()
+
+
 def test_output_layout_is_bthd(device):
     """The model's y.transpose(1, 2).contiguous() must be free: the output's memory is (B, T, H, D)."""
     _, (q, k, v) = model_qkv(2, 3, 5, 16, torch.float32, device)
