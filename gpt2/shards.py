@@ -11,10 +11,13 @@ Files in an output folder, besides the shards:
     DONE           written last; lists every shard. Without it a producer is (or was) still running,
                    and the loader waits for more train shards instead of ending the epoch
     consumed.txt   train shards the trainer deleted (--delete_consumed_shards); a rerun skips them
+    progress.json  where the document stream stood after the last shard: a rerun starts there
 
 Every file is written under a temporary name and renamed (os.replace), so a reader never sees half a
-shard and a killed run leaves only complete shards. A rerun tokenizes the stream again, skips the
-shards that are already there (or consumed) and writes the missing ones, byte for byte the same.
+shard and a killed run leaves only complete shards. A rerun continues after the last shard that
+progress.json records (reading, but not tokenizing, the documents before it); if a shard was deleted by
+hand it tokenizes the stream from the start, skips the shards that are there (or consumed) and writes
+the missing ones. Either way the files are byte for byte those of an uninterrupted run.
 
 With `max_shards_on_disk=K` the producer waits while K train shards are on disk; a trainer that
 deletes consumed shards (ShardLoader(..., delete_consumed=True)) frees room as it goes, so the two
@@ -38,6 +41,7 @@ from gpt2.tokenizer import EOT_TOKEN, encode, get_encoding
 META_FILE = "meta.json"
 DONE_FILE = "DONE"
 CONSUMED_FILE = "consumed.txt"
+PROGRESS_FILE = "progress.json"
 FORMAT = "gpt2-triton token shards v1"
 SPLITS = ("train", "val")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -284,10 +288,13 @@ def describe_local_inputs(paths) -> str:
 # ----------------------------------------------------------------------------- the writer
 
 class ShardWriter:
-    """Cuts a stream of token arrays into shards of exactly `shard_size` tokens (the last one shorter).
+    """Cuts a stream of documents' token arrays into shards of exactly `shard_size` tokens (the last one
+    shorter). Shards 0 .. val_shards-1 are the val split, the rest train.
 
-    Shards 0 .. val_shards-1 are the val split, the rest train. Shards already on disk or consumed are
-    skipped (a rerun). With max_shards_on_disk, waits before each train shard while that many are there.
+    A rerun skips the shards already on disk or consumed. After every shard, progress.json records where
+    the stream stands (documents done, tokens of the current one already in shards), so that a rerun
+    skips the documents of the finished shards without tokenizing them again (resume()). With
+    max_shards_on_disk, waits before each train shard while that many train shards are on disk.
     """
 
     def __init__(self, folder, name, shard_size, val_shards=1, max_shards_on_disk=None, warn_after=60.0):
@@ -296,19 +303,40 @@ class ShardWriter:
         self.buffer = np.empty(shard_size, dtype=np.uint16)
         self.fill = 0
         self.index = 0
+        self.docs, self.doc_offset = 0, 0   # documents added; tokens of the next one already in shards
         self.written, self.skipped = 0, 0
         self.names = {split: [] for split in SPLITS}
         self.tokens = {split: 0 for split in SPLITS}
         self.consumed = read_consumed(self.folder)
 
+    def resume(self) -> int:
+        """Continue after the shards progress.json records, if they are all still there (or consumed);
+        returns the number of documents to skip."""
+        progress = read_json(self.folder / PROGRESS_FILE)
+        if progress is None:
+            return 0
+        names = [shard_name(self.name, self._split(i), i) for i in range(progress["next_index"])]
+        if not all((self.folder / n).exists() or n in self.consumed for n in names):
+            return 0  # a shard was deleted by hand: tokenize from the start, rewriting only what is missing
+        for i, n in enumerate(names):
+            self.names[self._split(i)].append(n)
+        self.index, self.tokens = progress["next_index"], progress["tokens"]
+        self.docs, self.doc_offset = progress["docs"], progress["doc_offset"]
+        self.skipped = len(names)
+        return self.docs
+
     def add(self, tokens: np.ndarray) -> None:
+        """One document's tokens (the next after those already added)."""
+        tokens = tokens[self.doc_offset:]  # nonzero only for the first document after resume()
         while len(tokens):
             n = min(len(tokens), self.shard_size - self.fill)
             self.buffer[self.fill:self.fill + n] = tokens[:n]
             self.fill += n
+            self.doc_offset += n
             tokens = tokens[n:]
             if self.fill == self.shard_size:
                 self._flush()
+        self.docs, self.doc_offset = self.docs + 1, 0
 
     def finish(self) -> dict:
         """Write the last, partial shard and the DONE marker; returns the DONE content."""
@@ -318,8 +346,11 @@ class ShardWriter:
         write_json(self.folder / DONE_FILE, done)
         return done
 
+    def _split(self, index: int) -> str:
+        return "val" if index < self.val_shards else "train"
+
     def _flush(self) -> None:
-        split = "val" if self.index < self.val_shards else "train"
+        split = self._split(self.index)
         name = shard_name(self.name, split, self.index)
         path = self.folder / name
         if path.exists() or name in self.consumed:
@@ -338,6 +369,8 @@ class ShardWriter:
         self.tokens[split] += self.fill
         self.index += 1
         self.fill = 0
+        write_json(self.folder / PROGRESS_FILE, {"next_index": self.index, "docs": self.docs,
+                                                 "doc_offset": self.doc_offset, "tokens": self.tokens})
 
 
 def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, workers=1,
@@ -350,6 +383,11 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
     check_or_write_meta(folder, make_meta(name, shard_size, val_shards, source, max_shards_on_disk))
     _remove_stale_tmp_files(folder)
     writer = ShardWriter(folder, name, shard_size, val_shards, max_shards_on_disk)
+    skip = writer.resume()
+    if skip:
+        print(f"{folder}: shards up to index {writer.index - 1} are done; skipping their {skip:,} documents",
+              file=sys.stderr)
+        texts = itertools.islice(texts, skip, None)
     bar = _progress_bar(progress)
     pool = None
     try:

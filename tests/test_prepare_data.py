@@ -126,10 +126,15 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rerun_skips_complete_shards_and_is_identical(fineweb, tmp_path):
+def test_rerun_skips_complete_shards_and_is_identical(fineweb, tmp_path, monkeypatch):
     path, _ = fineweb
     shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in shard_files(tmp_path)}
+    tokenized = []
+    monkeypatch.setattr(shards, "tokenize_document", tokenized.append)
+    shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    assert tokenized == [], "a complete folder needs no tokenizing"
+    monkeypatch.undo()
     missing = "edufineweb_train_000003.npy"
     (tmp_path / missing).unlink()
     shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
@@ -141,7 +146,20 @@ def test_rerun_skips_complete_shards_and_is_identical(fineweb, tmp_path):
             assert after[name][1] == before[name][1], f"{name} was rewritten"
 
 
-def test_killed_run_leaves_only_complete_shards(fineweb, tmp_path):
+def test_rerun_after_the_trainer_deleted_shards_does_not_rewrite_them(fineweb, tmp_path):
+    path, _ = fineweb
+    done = shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    consumed = done["shards"]["train"][:5]
+    shards.delete_consumed_shards(tmp_path, consumed)
+    (tmp_path / "DONE").unlink()
+    (tmp_path / "progress.json").unlink()  # the slow path: tokenize everything, skip what exists or was consumed
+    assert shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False) == done
+    assert not any((tmp_path / n).exists() for n in consumed)
+    assert shards.read_consumed(tmp_path) == set(consumed)
+
+
+def test_killed_run_leaves_only_complete_shards(fineweb, tmp_path, monkeypatch):
+    tokenize = shards.tokenize_document
     path, docs = fineweb
     shards.prepare_fineweb(tmp_path / "ref", inputs=[path], shard_size=SHARD, workers=1, progress=False)
     reference = load_all(tmp_path / "ref")
@@ -155,14 +173,24 @@ def test_killed_run_leaves_only_complete_shards(fineweb, tmp_path):
         shards.write_shards(killed_midway(), out, "edufineweb", SHARD, source=shards.describe_local_inputs([path]),
                             progress=False)
     left = sorted(p.name for p in out.iterdir())
-    assert "DONE" not in left and "meta.json" in left
+    assert "DONE" not in left and {"meta.json", "progress.json"} <= set(left)
     written = load_all(out)
-    assert 0 < len(written) < len(reference) and len(left) == len(written) + 1  # no temporary file left
+    assert 0 < len(written) < len(reference) and len(left) == len(written) + 2  # no temporary file left
     assert all(np.array_equal(written[k], reference[k]) for k in written)
+    # a SIGKILL in the middle of a write leaves a temporary file; the rerun removes it
+    stale = out / ".edufineweb_train_000009.npy.tmp.999999999"
+    stale.write_bytes(b"half a shard")
+    tokenized = []
+    monkeypatch.setattr(shards, "tokenize_document", lambda text: tokenized.append(text) or tokenize(text))
     shards.prepare_fineweb(out, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    assert not stale.exists()
     finished = load_all(out)
     assert finished.keys() == reference.keys()
     assert all(np.array_equal(finished[k], reference[k]) for k in reference)
+    # the rerun resumed inside the document where the last complete shard ended
+    n_tokens = sum(len(a) for a in written.values())
+    first = np.searchsorted(np.cumsum([len(tokenize(d)) for d in docs]), n_tokens, side="right")
+    assert tokenized == docs[first:], f"tokenized from document {docs.index(tokenized[0])}, expected {first}"
 
 
 def test_folder_of_other_settings_is_refused(fineweb, tmp_path):
