@@ -42,14 +42,22 @@ import numpy as np
 import torch
 
 from gpt2.shards import (
-    SPLITS, delete_consumed_shards, ensure_shakespeare, prepare_shakespeare, read_consumed, read_done,
-    read_meta, shard_name, wait_until,
+    DONE_FILE, SPLITS, count_shards, delete_consumed_shards, ensure_shakespeare, prepare_shakespeare,
+    read_consumed, read_done, read_meta, shard_name, wait_until,
 )
 
 __all__ = ["ShardLoader", "ensure_shakespeare", "prepare_shakespeare"]  # the last two for train.py
 
 
 class ShardLoader:
+    """Batches (x, y) of one split for one rank; see the module docstring.
+
+    data_dir: a folder written by prepare_data.py (or any folder of *_{split}_*.npy uint16 shards).
+    shuffle_seed: None keeps the shard order; an int shuffles it per epoch (needs a finished folder).
+    delete_consumed: one pass over a train split whose finished shards rank 0 deletes on request.
+    warn_after: seconds of waiting for prepare_data.py before a message says so.
+    """
+
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, *,
                  shuffle_seed=None, delete_consumed=False, warn_after=60.0):
         if split not in SPLITS:
@@ -191,17 +199,23 @@ class ShardLoader:
             raise ValueError("delete_consumed is for the train split only (validation rereads its shards)")
         if self.meta is None:
             raise ValueError(f"delete_consumed needs a folder written by prepare_data.py ({self.dir} has no meta.json)")
+        self.check_disk_budget(self.tokens_per_step)
+
+    def check_disk_budget(self, tokens_between_deletes: int) -> None:
+        """Refuse a --max_shards_on_disk too small for what the trainer reads between two calls of
+        delete_finished_shards (with gradient accumulation: every micro-step of an optimizer step)."""
         K, S = self.meta.get("max_shards_on_disk"), self.meta.get("shard_size")
-        if K and S:
-            # one step reads tokens_per_step + 1 tokens from wherever the last step ended; every shard it
-            # touches must be on disk at once, or the producer and the trainer wait for each other
-            needed = (S + self.tokens_per_step - 1) // S + 1
-            if K < needed:
-                raise ValueError(
-                    f"one step reads {self.tokens_per_step + 1} tokens, which may span {needed} shards of "
-                    f"{S} tokens, but prepare_data.py keeps at most {K} on disk (--max_shards_on_disk): "
-                    f"use --max_shards_on_disk >= {needed}, larger shards, or smaller batches"
-                )
+        if not (K and S):
+            return
+        # those tokens + 1, from wherever the last step ended, touch up to `needed` shards; all must be on
+        # disk at once, or the producer (waiting for room) and the trainer (waiting for a shard) deadlock
+        needed = (S + tokens_between_deletes - 1) // S + 1
+        if K < needed:
+            raise ValueError(
+                f"the trainer reads {tokens_between_deletes + 1} tokens between deletions, which may span "
+                f"{needed} shards of {S} tokens, but prepare_data.py keeps at most {K} on disk "
+                f"(--max_shards_on_disk): use --max_shards_on_disk >= {needed}, larger shards, or smaller batches"
+            )
 
     def _check_complete_split(self) -> None:
         """Open every shard still on disk (a bad file fails now, not hours in) and check the size."""
@@ -260,19 +274,24 @@ class ShardLoader:
     def _wait_for(self, name) -> None:
         """Until the shard exists or the producer has finished (DONE); then reread the shard list."""
         path = self.dir / name
-        hint = ""
-        if self.meta.get("max_shards_on_disk") and not self.delete_consumed:
-            hint = (f" It keeps at most {self.meta['max_shards_on_disk']} train shards on disk "
-                    "(--max_shards_on_disk) and writes more only when a trainer with --delete_consumed_shards "
-                    "deletes consumed ones.")
-        wait_until(
-            lambda: path.exists() or (self.dir / "DONE").exists(),
-            f"waiting for {path}: {self.dir} has no DONE marker yet, so prepare_data.py should still be "
-            f"writing shards (if it stopped, run it again to finish the folder).{hint}",
-            self.warn_after,
-        )
+        wait_until(lambda: path.exists() or (self.dir / DONE_FILE).exists(),
+                   lambda: self._waiting_message(path), self.warn_after)
         if not path.exists():
             self._refresh()
+
+    def _waiting_message(self, path) -> str:
+        message = (f"waiting for {path}: {self.dir} has no DONE marker yet, so prepare_data.py should still "
+                   "be writing shards (if it stopped, run it again to finish the folder).")
+        K = self.meta.get("max_shards_on_disk")
+        if K and not self.delete_consumed:
+            message += (f" It keeps at most {K} train shards on disk (--max_shards_on_disk) and writes more only "
+                        "when a trainer with --delete_consumed_shards deletes consumed ones.")
+        elif K and count_shards(self.dir, "train") >= K:
+            message += (f" It is itself waiting for room: {K} train shards are on disk (--max_shards_on_disk), "
+                        "and this trainer deletes shards only between optimizer steps. If one optimizer step "
+                        "(all micro-steps) reads more than the shards on disk hold, the two wait for each "
+                        "other: rerun prepare_data.py with a larger --max_shards_on_disk.")
+        return message
 
     # ------------------------------------------------------------------ reading
 

@@ -146,8 +146,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_until(ready, message: str, warn_after: float = 60.0, max_sleep: float = 2.0) -> None:
-    """Poll `ready()` with a growing sleep; print `message` after warn_after seconds, then every few minutes."""
+def wait_until(ready, message, warn_after: float = 60.0, max_sleep: float = 2.0) -> None:
+    """Poll `ready()` with a growing sleep; print `message` (a string, or a function that returns one)
+    after warn_after seconds, then every few minutes."""
     start = last_warn = time.monotonic()
     warned_once = False
     sleep = 0.01
@@ -156,7 +157,8 @@ def wait_until(ready, message: str, warn_after: float = 60.0, max_sleep: float =
         sleep = min(max_sleep, sleep * 1.5)
         now = time.monotonic()
         if now - last_warn >= (300.0 if warned_once else warn_after):
-            print(f"[{now - start:.0f} s] {message}", file=sys.stderr, flush=True)
+            text = message() if callable(message) else message
+            print(f"[{now - start:.0f} s] {text}", file=sys.stderr, flush=True)
             last_warn, warned_once = now, True
 
 

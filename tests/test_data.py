@@ -184,9 +184,11 @@ def test_disk_budget_too_small_for_one_step_is_refused(tmp_path):
     make_folder(tmp_path, max_shards_on_disk=2)
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "shard_size": 100}))
-    with pytest.raises(ValueError, match="--max_shards_on_disk >= 3"):
+    with pytest.raises(ValueError, match="reads 121 tokens between deletions.*--max_shards_on_disk >= 3"):
         ShardLoader(tmp_path, "train", 2, 60, delete_consumed=True)  # 121 tokens span up to 3 shards of 100
-    ShardLoader(tmp_path, "train", 2, 50, delete_consumed=True)      # 101 tokens span at most 2
+    loader = ShardLoader(tmp_path, "train", 2, 50, delete_consumed=True)  # 101 tokens span at most 2
+    with pytest.raises(ValueError, match="reads 401 tokens between deletions.*>= 5"):
+        loader.check_disk_budget(4 * loader.tokens_per_step)  # gradient accumulation over 4 micro-steps
 
 
 def test_waits_for_the_producer_then_cycles(tmp_path, capsys):
