@@ -20,8 +20,8 @@ Backward, with P = exp2(S log2 e - LSE) recomputed block by block from Q, K and 
 
 dK and dV are accumulated by one program per key block (looping over query blocks), dQ by another
 kernel with one program per query block (looping over key blocks). Every gradient element is
-written by exactly one program, with no atomics, so dq, dk and dv are bitwise deterministic; the
-price is computing P and dP twice (once per kernel).
+written by exactly one program, with no atomics, so dq, dk and dv are bitwise deterministic (for
+the block sizes the autotuner chose in this process); the price is computing P and dP twice.
 
 Causal blocks above the diagonal are never visited (loop bounds). Blocks that are entirely below
 the diagonal and inside T run unmasked; only the diagonal blocks and the ragged last block of T
@@ -89,7 +89,8 @@ _TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tenso
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
-    """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block."""
+    """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
+    K, V point at this (batch, head); offs_m are the block's query positions."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -151,7 +152,8 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
                                    0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, True)
+                                   start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, True)
     else:  # whole key blocks, then the ragged last one (masked)
         t_whole = T // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
@@ -196,7 +198,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, 
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
                 KEY_BOUNDS: tl.constexpr):
     """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
-    rows are keys, columns queries). KEY_BOUNDS zeroes P for the keys past T (zero rows of k):
+    rows are keys, columns queries). Q, DO, LSE, DELTA point at this (batch, head).
+    KEY_BOUNDS zeroes P for the keys past T (zero rows of k):
     those rows are never stored, but exp2(-LSE) can overflow there. In the causal case the causal
     mask already covers them."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -282,7 +285,8 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
-    """Adds the contributions of key blocks [lo, hi) to one query block's dq."""
+    """Adds the contributions of key blocks [lo, hi) to one query block's dq. K, V point at this
+    (batch, head)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -416,7 +420,7 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     B, H, T, D = q.shape
     delta = torch.empty_like(lse)
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
-    block_delta = 32 if _INTERPRET else 128
+    block_delta = 32 if _INTERPRET else 64
     wrap_triton(_bwd_delta)[(triton.cdiv(T, block_delta), B * H)](
         o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
     )
