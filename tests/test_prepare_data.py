@@ -226,6 +226,21 @@ def test_input_errors(tmp_path, monkeypatch):
         list(shards.iter_local_documents([parquet]))
 
 
+def test_parquet_input(fineweb, tmp_path, enc):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    _, docs = fineweb
+    docs = docs[:30]
+    pq.write_table(pa.table({"id": list(range(30)), "text": docs}), tmp_path / "docs.parquet", row_group_size=7)
+    shards.prepare_fineweb(tmp_path / "out", inputs=[tmp_path / "docs.parquet"], shard_size=SHARD, progress=False)
+    stream = np.concatenate(list(load_all(tmp_path / "out").values()))
+    assert np.array_equal(stream, reference_stream(enc, docs))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "no_text.parquet")
+    with pytest.raises(ValueError, match="no 'text' column"):
+        list(shards.iter_local_documents([tmp_path / "no_text.parquet"]))
+
+
 def test_plain_text_files_are_documents(tmp_path, enc):
     texts = ["First document.\n", "Second one, with <|endoftext|> as plain text."]
     paths = []
