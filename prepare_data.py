@@ -35,7 +35,8 @@ def parse_args(argv=None):
     fineweb = sub.add_parser("fineweb", help="FineWeb-Edu from the hub, or local text files")
     fineweb.add_argument("--out", required=True, help="output folder")
     fineweb.add_argument("--input", nargs="+", default=None,
-                         help="local files instead of the hub: .jsonl/.parquet/.csv with a `text` field, or .txt (one document each)")
+                         help="local files instead of the hub: .jsonl/.parquet/.csv with a `text` field, "
+                              "or .txt (one document each)")
     fineweb.add_argument("--dataset", default=FINEWEB_DATASET, help="Hugging Face dataset to stream")
     fineweb.add_argument("--name", default=FINEWEB_CONFIG, help="its configuration (subset)")
     fineweb.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
