@@ -374,6 +374,12 @@ def _empty_bthd(like):
     return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
 
 
+def _tuning_bucket(T):
+    """The autotuning key for T: the next power of two. Under torch.compile with dynamic shapes T is
+    symbolic; it is then passed as is, rather than as a bit-twiddling expression of it."""
+    return triton.next_power_of_2(T) if isinstance(T, int) else T
+
+
 def _bht(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -404,7 +410,7 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
 
     wrap_triton(_attn_fwd)[grid](
         q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
-        H, T, triton.next_power_of_2(T), sm_scale * _LOG2E,
+        H, T, _tuning_bucket(T), sm_scale * _LOG2E,
         HEAD_DIM=D, CAUSAL=causal,
     )
     return o, lse
@@ -432,7 +438,7 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     qk_scale = sm_scale * _LOG2E
-    t_bucket = triton.next_power_of_2(T)
+    t_bucket = _tuning_bucket(T)
     wrap_triton(_attn_bwd_dkdv)[dkdv_grid](
         q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
