@@ -5,17 +5,19 @@
     # -> shakespeare_val_000000.npy (33,803 tokens) and shakespeare_train_000001.npy (304,223 tokens)
 
     # FineWeb-Edu sample-10BT streamed from the Hugging Face hub (pip install -e .[data]):
-    # ~10B tokens in 100 shards of 1e8 tokens (200 MB each); the first shard is val
-    python prepare_data.py fineweb --out data/edu_fineweb10B --workers 16
+    # about 10B tokens in about 100 shards of 1e8 tokens (200 MB each); the first shard is val
+    python prepare_data.py fineweb --out data/fineweb_edu --workers 16
     # ... or local .jsonl/.parquet/.csv/.txt files with a `text` field:
     python prepare_data.py fineweb --out data/mine --input a.jsonl b.parquet --shard_size 1000000
 
-    # a small disk: keep at most 4 train shards on disk; the trainer deletes what it has consumed
-    python prepare_data.py fineweb --out data/edu_fineweb10B --max_shards_on_disk 4 &
-    torchrun --standalone --nproc_per_node=8 train.py --data_dir data/edu_fineweb10B --delete_consumed_shards
+    # a small disk: at most 4 train shards (+ the val shard) on disk; the trainer deletes what it consumed
+    python prepare_data.py fineweb --out data/fineweb_edu --max_shards_on_disk 4 &
+    sleep 10   # the trainer must find the producer's meta.json, its first write
+    torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu --delete_consumed_shards
 
-Rerunning over an existing output skips the shards already there and writes the same files; an output
-folder holding shards of another tokenizer, shard size or source is refused.
+Rerunning over an existing output continues where the last run stopped and writes the same files (a
+killed run leaves only complete shards); an output folder holding shards of another tokenizer, shard
+size or source is refused. The folder's files are described in gpt2/shards.py.
 """
 import argparse
 import os
