@@ -170,7 +170,7 @@ def collate(rendered: list[Rendered], block_size: int, rows: int | None = None):
 def loglikelihoods(model, rendered: list[Rendered], device, autocast_dtype: str = "float32",
                    rows: int | None = None) -> torch.Tensor:
     """(len(rendered), 4) float64 on the CPU: each ending's summed log-probability given its context."""
-    config = _unwrap(model).config
+    config, device = _unwrap(model).config, torch.device(device)
     idx, targets, mask = collate(rendered, config.block_size, rows)
     idx, targets, mask = idx.to(device), targets.to(device), mask.to(device)
     with autocast(device, autocast_dtype):

@@ -185,3 +185,32 @@ def test_download_offline_names_data_flag(tmp_path, monkeypatch):
 def test_unknown_style():
     with pytest.raises(ValueError, match="completion, harness"):
         hellaswag.evaluate(None, [], "cpu", style="nope")
+
+
+def test_cli_checkpoint_scores_like_the_weights_it_holds(hf_dir, data_file, tmp_path):
+    from gpt2.checkpoint import save_checkpoint
+
+    model = GPT.from_pretrained(str(hf_dir), kernels="torch")
+    save_checkpoint(tmp_path / "model.pt", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                    step=0, loader_states=[], train_config={})
+    flags = ["--data", str(data_file), "--limit", "4", "--device", "cpu", "--kernels", "torch"]
+    from_checkpoint = eval_hellaswag.main(flags + ["--checkpoint", str(tmp_path / "model.pt")])
+    from_weights = eval_hellaswag.main(flags + ["--model", str(hf_dir)])
+    assert from_checkpoint["model"] == str(tmp_path / "model.pt")
+    assert {k: from_checkpoint[k] for k in ("acc", "acc_norm", "n")} == {k: from_weights[k] for k in ("acc", "acc_norm", "n")}
+
+
+@pytest.mark.gpu
+def test_compiled_model_scores_like_eager(hf_dir, data_file):
+    """Padded shapes: a compiled model compiles once per padded length and scores as eager does."""
+    device = torch.device("cuda")
+    model = GPT.from_pretrained(str(hf_dir), kernels="torch").to(device)
+    compiled = torch.compile(model, dynamic=False)
+    examples = hellaswag.load_examples(data_file, limit=48)
+    for start in range(0, len(examples), 8):
+        rendered = [hellaswag.render(e) for e in examples[start:start + 8]]
+        want = hellaswag.loglikelihoods(model, rendered, device, rows=32)
+        got = hellaswag.loglikelihoods(compiled, rendered, device, rows=32)
+        err = (got - want).abs().max().item()
+        assert err < 1e-3, f"compiled vs eager summed log-likelihoods differ by {err:.2e}"
+    assert hellaswag.evaluate(compiled, examples, device, batch_size=8) == hellaswag.evaluate(model, examples, device, batch_size=8)
