@@ -119,9 +119,8 @@ def render_harness(example: dict) -> Rendered:
     choices = [harness_preprocess(ending) for ending in example["endings"]]
     # the harness moves the query's trailing whitespace into the continuation, then takes the
     # continuation's tokens as those of the whole string past the query's own tokens
-    stripped = query.rstrip()
-    context = encode(stripped)
-    endings = [encode(stripped + query[len(stripped):] + " " + choice)[len(context):] for choice in choices]
+    context = encode(query.rstrip())
+    endings = [encode(query + " " + choice)[len(context):] for choice in choices]
     return Rendered(context, endings, [float(len(c)) for c in choices], int(example["label"]))
 
 

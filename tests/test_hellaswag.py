@@ -167,10 +167,12 @@ def test_cli_one_rank_and_two_ranks_agree(hf_dir, data_file, tmp_path):
 def test_harness_preprocess():
     text = " [header] How to x [title] Find  a [step] thing. "
     assert hellaswag.harness_preprocess(text) == " How to x. Find a thing."  # the harness keeps that space
-    example = {"activity_label": "Cooking", "ctx_a": "A man stands.", "ctx_b": "he CUTS onions", "label": 1,
+    # the query ends in a space once "[step]" is gone: the harness moves it into the continuation
+    example = {"activity_label": "Cooking", "ctx_a": "A man stands.", "ctx_b": "he CUTS onions [step]", "label": 1,
                "endings": ["cries.", " [title] Laughs.", "x", "y"]}
     r = hellaswag.render(example, "harness")
     assert hellaswag.encode("Cooking: A man stands. He cuts onions") == r.context
+    assert r.endings[0] == hellaswag.encode("Cooking: A man stands. He cuts onions  cries.")[len(r.context):]
     assert r.norms == [6.0, 8.0, 1.0, 1.0]
 
 
