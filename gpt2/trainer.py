@@ -185,6 +185,8 @@ class Run:
         data_dir = self._data_dir()
         self.train_loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.block_size, ddp.rank,
                                         ddp.world_size, delete_consumed=cfg.delete_consumed_shards)
+        if cfg.delete_consumed_shards:  # a disk budget below one step's shards would deadlock with the producer
+            self.train_loader.check_disk_budget(cfg.total_batch_size)
         self.val_loader = ShardLoader(data_dir, "val", cfg.batch_size, cfg.block_size, ddp.rank,
                                       ddp.world_size) if cfg.eval_interval else None
         self.hellaswag = self._hellaswag_examples() if cfg.hellaswag_interval else None
