@@ -9,8 +9,10 @@ Prints {"acc", "acc_norm", "n", "style", "model"} and writes it to --out.
 """
 import argparse
 import dataclasses
+import sys
 
 from gpt2.hellaswag import STYLES, EvalConfig, run
+from gpt2.ops import KernelsError
 from gpt2.runtime import DTYPES
 
 
@@ -33,8 +35,18 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def main(argv=None) -> dict:
+    """The summary dict (for tests and notebooks); the command line goes through cli()."""
     return run(parse_args(argv))
 
 
+def cli() -> int:
+    try:
+        main()
+    except (KernelsError, ValueError, FileNotFoundError, RuntimeError) as err:  # bad input: a message, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
