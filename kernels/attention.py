@@ -33,8 +33,8 @@ memory layout (B, T, H, D) and returned as (B, H, T, D) views of it (strides (T*
 the model's `y.transpose(1, 2).contiguous()` costs nothing.
 
 Design limits: self-attention only (q, k, v share B, H, T); head dim a power of two from 16 to 128;
-fp16 and bf16 on the GPU (fp32 works too, with Triton's default TF32 dot products there); fp32 or
-fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each. Block sizes are
+fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products, meant for
+checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each. Block sizes are
 autotuned per (T rounded up to a power of two, D, causal, dtype): generation, where T grows by one
 per token, tunes once per octave of T, not once per token.
 """
@@ -88,7 +88,8 @@ _TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tenso
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
     K, V point at this (batch, head); offs_m are the block's query positions."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -102,7 +103,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, 
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k))                        # (BLOCK_M, BLOCK_N), unscaled: see below
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled: see below
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if BOUNDS:
@@ -112,7 +113,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, 
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -126,7 +127,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     H, T, T_BUCKET, qk_scale,                          # T_BUCKET: the autotuning key, next_power_of_2(T)
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
     pid_m = tl.program_id(0)
@@ -150,16 +151,16 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:  # keys below this query block, then the diagonal block (masked), nothing above
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                                   0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+                                   0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
                                    start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale,
-                                   HEAD_DIM, BLOCK_N, True, True)
+                                   HEAD_DIM, BLOCK_N, True, True, PRECISION)
     else:  # whole key blocks, then the ragged last one (masked)
         t_whole = T // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                                   0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+                                   0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                                   t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True)
+                                   t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True, PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -196,7 +197,7 @@ def _bwd_delta(
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, T, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
-                KEY_BOUNDS: tl.constexpr):
+                KEY_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
     rows are keys, columns queries). Q, DO, LSE, DELTA point at this (batch, head).
     KEY_BOUNDS zeroes P for the keys past T (zero rows of k):
@@ -218,16 +219,16 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, 
             do = tl.load(do_ptrs)
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        s_t = tl.dot(k, tl.trans(q))                                       # (BLOCK_N, BLOCK_M)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)            # (BLOCK_N, BLOCK_M)
         if CAUSAL_MASK:
             s_t = tl.where(offs_m[None, :] >= offs_n[:, None], s_t, float("-inf"))
         if KEY_BOUNDS:
             s_t = tl.where(offs_n[:, None] < T, s_t, float("-inf"))
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -241,7 +242,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,                # dk and dv share one layout
     H, T, T_BUCKET, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,      # keys per program, queries per step
 ):
     pid_n = tl.program_id(0)  # causal: the first key blocks have the most work and already start first
@@ -268,14 +269,14 @@ def _attn_bwd_dkdv(
     if CAUSAL:  # the diagonal block (masked), then the query blocks below it; none above
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
                              start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, True, False)
+                             HEAD_DIM, BLOCK_M, True, True, False, PRECISION)
         lo = start_n + BLOCK_N
     else:
         lo = 0
     dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
-                         lo, t_whole, T, qk_scale, HEAD_DIM, BLOCK_M, False, False, not CAUSAL)
+                         lo, t_whole, T, qk_scale, HEAD_DIM, BLOCK_M, False, False, not CAUSAL, PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
-                         tl.maximum(lo, t_whole), T, T, qk_scale, HEAD_DIM, BLOCK_M, False, True, not CAUSAL)
+                         tl.maximum(lo, t_whole), T, T, qk_scale, HEAD_DIM, BLOCK_M, False, True, not CAUSAL, PRECISION)
 
     out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
@@ -284,7 +285,8 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Adds the contributions of key blocks [lo, hi) to one query block's dq. K, V point at this
     (batch, head)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -298,15 +300,15 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi,
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if BOUNDS:  # a zero key past T would still get P = exp2(-LSE), which can overflow
             s = tl.where(offs_n[None, :] < T, s, float("-inf"))
         p = tl.exp2(s * qk_scale - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -320,7 +322,7 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     H, T, T_BUCKET, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
     pid_m = tl.program_id(0)
@@ -346,15 +348,15 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                       0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+                       0, start_m, T, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
         dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, True)
+                       start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, HEAD_DIM, BLOCK_N, True, True, PRECISION)
     else:
         t_whole = T // BLOCK_N * BLOCK_N
         dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                       0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False)
+                       0, t_whole, T, qk_scale, HEAD_DIM, BLOCK_N, False, False, PRECISION)
         dq = _dq_inner(dq, q, do, lse, delta, K_bh, V_bh, stride_kt, stride_vt, offs_m,
-                       t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True)
+                       t_whole, T, T, qk_scale, HEAD_DIM, BLOCK_N, False, True, PRECISION)
 
     out = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
@@ -378,6 +380,11 @@ def _tuning_bucket(T):
     """The autotuning key for T: the next power of two. Under torch.compile with dynamic shapes T is
     symbolic; it is then passed as is, rather than as a bit-twiddling expression of it."""
     return triton.next_power_of_2(T) if isinstance(T, int) else T
+
+
+def _dot_precision(x):
+    """fp32 inputs get exact fp32 dot products (slow, for checking); fp16/bf16 use the tensor cores."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _bht(x):
@@ -411,7 +418,7 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     wrap_triton(_attn_fwd)[grid](
         q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
         H, T, _tuning_bucket(T), sm_scale * _LOG2E,
-        HEAD_DIM=D, CAUSAL=causal,
+        HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
     return o, lse
 
@@ -441,11 +448,11 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     t_bucket = _tuning_bucket(T)
     wrap_triton(_attn_bwd_dkdv)[dkdv_grid](
         q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
-        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
+        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
     wrap_triton(_attn_bwd_dq)[dq_grid](
         q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
-        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal,
+        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
     return dq, dk, dv
 
