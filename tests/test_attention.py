@@ -73,7 +73,7 @@ def test_matches_reference(B, H, T, D, causal, dtype, device):
 
 
 def test_separate_tensors_and_scale(device):
-    """Contiguous q, k, v of different layouts, a custom sm_scale, and grads through .sum() (dO of stride 0)."""
+    """Separate dense q, k, v in three layouts, a custom sm_scale, grads through .sum() (dO of stride 0)."""
     B, H, T, D = 2, 3, 33, 32
     q = torch.randn(B, H, T, D, device=device, requires_grad=True)
     k = torch.randn(B, T, H, D, device=device).transpose(1, 2).requires_grad_()
@@ -83,7 +83,8 @@ def test_separate_tensors_and_scale(device):
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     y64 = attention_ref(q64, k64, v64, causal=True, sm_scale=0.3)
     y64.sum().backward()
-    for name, g, w in (("out", y, y64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+    pairs = (("out", y, y64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad))
+    for name, g, w in pairs:
         err = max_err(g.detach().cpu(), w)
         assert err <= 1e-5, f"{name}: max error {err:.3e}"
 
