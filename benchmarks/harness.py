@@ -217,8 +217,8 @@ def smoke_op(bench: OpBench, device) -> list[dict]:
             inputs = bench.make_inputs(config, device, torch.float32)
             outs = _as_tuple(fn(*inputs))
             differentiable = [o for o in outs if o.requires_grad]
-            torch.manual_seed(1)
-            grads = [torch.randn_like(o) for o in differentiable]
+            torch.manual_seed(1)  # randn_like would follow each output's memory layout; the shape is what counts
+            grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in differentiable]
             if "backward" in bench.modes and differentiable:
                 torch.autograd.backward(differentiable, grads)
             results[provider] = [*outs, *(t.grad for t in _leaves(inputs))]
