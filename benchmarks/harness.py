@@ -24,7 +24,7 @@ import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -88,10 +88,9 @@ def do_bench(fn, grad_to_none=None, warmup=25, rep=100) -> float:
 def measure_ceilings(device) -> dict:
     """What this device can do at best: device-to-device copy GB/s and bf16 matmul TFLOP/s."""
     n_bytes = 1 << 30
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src))
-    del src, dst
+    buffers = torch.empty(2, n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    copy_ms = do_bench(lambda: buffers[1].copy_(buffers[0]))
+    buffers = None
     n = 8192
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)

@@ -10,9 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import sys
 import time
 from dataclasses import dataclass
 
@@ -21,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import ops as ops_module
 from gpt2.checkpoint import (check_same_shape, checkpoint_path, latest_checkpoint, load_checkpoint,
-                             restore_rng, save_checkpoint, unwrap)
+                             restore_rng, save_checkpoint)
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, GPTConfig
 from gpt2.runtime import DTYPES, Distributed, all_reduce_sum, autocast, peak_bf16_flops

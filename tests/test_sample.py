@@ -1,6 +1,4 @@
 """sample.py end to end on a local Hugging Face directory."""
-import torch
-
 import sample
 from gpt2 import GPT, GPTConfig
 
