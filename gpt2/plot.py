@@ -18,7 +18,13 @@ def read_log(out_dir) -> list[dict]:
     path = pathlib.Path(out_dir) / "log.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no log.jsonl in {out_dir}: is it a train.py --out_dir?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+    return records
 
 
 def plot_log(out_dir) -> pathlib.Path:

@@ -22,6 +22,7 @@ from gpt2.checkpoint import (check_same_shape, checkpoint_path, latest_checkpoin
                              restore_rng, save_checkpoint)
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, GPTConfig
+from gpt2.plot import read_log
 from gpt2.runtime import DTYPES, Distributed, all_reduce_sum, autocast, peak_bf16_flops
 
 
@@ -251,10 +252,9 @@ class Run:
 
     def _truncate_log(self, step: int):
         """Drop log lines of steps the resumed run will do again, so the log reads as one run."""
-        if not self.log_path.exists():
-            return
-        kept = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-        self.log_path.write_text("".join(line + "\n" for line in kept))
+        if self.log_path.exists():
+            kept = [record for record in read_log(self.out_dir) if record["step"] < step]
+            self.log_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def save(self):
         states = [None] * self.ddp.world_size

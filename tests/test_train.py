@@ -71,6 +71,27 @@ def test_resume_after_interruption_repeats_the_run_exactly(shakespeare, tmp_path
     assert [json.loads(x)["step"] for x in cut] == [json.loads(x)["step"] for x in whole]
 
 
+def test_resume_after_kill_9_repeats_the_run_exactly(shakespeare, tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "train.py", *TINY, "--data", str(shakespeare), "--max_steps", "20",
+            "--checkpoint_interval", "3"]
+    subprocess.run([*args, "--out_dir", str(tmp_path / "whole")], cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
+    run = subprocess.Popen([*args, "--out_dir", str(tmp_path / "cut")], cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "ckpt_000003.pt").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run([*args, "--out_dir", str(tmp_path / "cut"), "--resume"], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
 def test_two_ranks_equal_one_process(shakespeare, tmp_path):
     args = [*TINY, "--data", str(shakespeare), "--max_steps", "4", "--total_batch_size", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
