@@ -69,7 +69,7 @@ class TrainConfig:
 PRESETS = {
     # a small GPT that learns tinyshakespeare's shape in a few minutes on a laptop CPU
     "shakespeare": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, total_batch_size=512,
-                        max_steps=200, warmup_steps=20, learning_rate=3e-3, eval_interval=50, eval_steps=4,
+                        max_steps=200, warmup_steps=20, learning_rate=2e-3, eval_interval=50, eval_steps=4,
                         hellaswag_interval=0, sample_interval=200, sample_prompt="ROMEO:",
                         checkpoint_interval=200),
     # build-nanogpt: GPT-2 124M on 10B tokens of FineWeb-Edu
