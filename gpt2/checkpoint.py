@@ -13,6 +13,7 @@ import re
 import torch
 
 from gpt2.model import GPT, GPTConfig
+from gpt2.ops import resolve
 
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 _NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
@@ -79,9 +80,8 @@ def restore_rng(checkpoint: dict) -> None:
 
 
 def load_model(path, device, kernels: str = "torch") -> GPT:
-    """The model of a checkpoint, for sampling and evaluation."""
+    """The model of a checkpoint, for sampling and evaluation, with the --kernels value `kernels`."""
     checkpoint = load_checkpoint(path)
-    config = GPTConfig(**{**checkpoint["model_config"], "kernels": kernels})
-    model = GPT(config)
+    model = GPT(GPTConfig(**checkpoint["model_config"]), resolve(kernels, device))
     model.load_state_dict(checkpoint["model"])
     return model.to(device)

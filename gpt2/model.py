@@ -1,11 +1,13 @@
 """GPT-2: the model, generation, Hugging Face weights in and out, and its optimizer.
 
-The hot ops (attention, LayerNorm, GELU, AdamW) come from the op set that gpt2/ops.py resolves once,
-at construction, from `GPTConfig.kernels`; nothing here knows which backend runs.
+The hot ops (attention, LayerNorm, GELU, AdamW) come from the op set that gpt2/ops.py resolves from
+`GPTConfig.kernels`, once: a script that has resolved it already passes the op set in
+(`GPT(config, ops)`). Nothing here knows which backend runs.
 
 Each block is pre-norm: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual add is carried
 into the next LayerNorm (`add_layer_norm`), so that a fused kernel reads the stream once per sublayer.
 """
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -93,16 +95,15 @@ class Block(nn.Module):
 
 def add_layer_norm(ops, x, delta, ln: nn.LayerNorm):
     """(x + delta, ln(x + delta)); delta None means there is nothing to add yet."""
-    if delta is None:
-        return x, ops.layer_norm(x, ln.weight, ln.bias, ln.eps)
-    return ops.add_layer_norm(x, delta, ln.weight, ln.bias, ln.eps)
+    return ops.layernorm(x, delta, ln.weight, ln.bias, ln.eps)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, ops: ops_module.OpSet | None = None):
+        """ops: the op set, when the caller has resolved config.kernels already (see gpt2/ops.py)."""
         super().__init__()
-        self.config = config
-        self.ops = ops_module.resolve(config.kernels)
+        self.ops = ops_module.resolve(ops if ops is not None else config.kernels)
+        self.config = dataclasses.replace(config, kernels=self.ops.spec)  # what runs, as checkpoints record it
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -175,9 +176,10 @@ class GPT(nn.Module):
     # Hugging Face weights
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, kernels: str = "torch") -> "GPT":
+    def from_pretrained(cls, name_or_dir: str, kernels: str | ops_module.OpSet = "torch") -> "GPT":
         """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or a
-        local directory written by `save_pretrained` (ours or transformers')."""
+        local directory written by `save_pretrained` (ours or transformers'). kernels: a --kernels
+        value or a resolved op set."""
         from transformers import GPT2LMHeadModel
 
         # a hub name wins over a folder of the same name (this repository has a gpt2/ package)
@@ -200,8 +202,8 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir}: activation {hf_config.activation_function!r} is not GPT-2's tanh GELU")
         config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                            n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-                           kernels=kernels, real_vocab_size=hf_config.vocab_size)
-        model = cls(config)
+                           real_vocab_size=hf_config.vocab_size)
+        model = cls(config, ops_module.resolve(kernels))
         ours = model.state_dict()
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         missing = set(ours) - set(theirs)

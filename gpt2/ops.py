@@ -1,33 +1,45 @@
 """The switch: which implementation each hot op of the model uses.
 
+Every op is declared once, in OPS below: its --kernels name, its PyTorch implementation, and where its
+Triton implementation lives. The op set, the list of valid names and the error messages follow from
+that one entry (docs/adding-a-kernel.md says how to add one).
+
     ops = resolve("torch")                  # PyTorch's own ops everywhere
     ops = resolve("triton")                 # every op on our Triton kernels
     ops = resolve("attention,gelu")         # these on Triton, the rest on PyTorch
+    ops = resolve("auto", device)           # triton on CUDA, torch elsewhere
+    y = ops.gelu(x)                         # an op set has one attribute per op, named as in OPS
 
-The model asks for its op set once, at construction, and never imports a kernel itself. Asking for
-a Triton op whose kernel does not exist (or without Triton installed) is an error, never a silent
-fallback to PyTorch: a benchmark that silently measured PyTorch would be a lie.
+A script resolves --kernels once and hands the op set to the model (GPT(config, ops)); the model
+never imports a kernel itself. Asking for a Triton op whose kernel does not exist (or without Triton
+installed) is an error, never a silent fallback to PyTorch: a benchmark that silently measured
+PyTorch would be a lie. Without a CUDA device the Triton kernels run in the Triton interpreter on
+CPU tensors: slow, meant for checking, and the op set says so (`interpreted`).
 """
 import importlib
+import os
+import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-OP_NAMES = ("attention", "layernorm", "gelu", "adamw")
-
-# op name -> (module, names in that module that implement it)
-_TRITON_SOURCES = {
-    "attention": ("kernels.attention", ("flash_attention",)),
-    "layernorm": ("kernels.layernorm", ("layer_norm", "add_layer_norm")),
-    "gelu": ("kernels.gelu", ("gelu",)),
-    "adamw": ("kernels.adamw", ("FusedAdamW",)),
-}
-
 
 class KernelsError(ValueError):
     """A --kernels value that cannot be honoured; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str        # its --kernels name, and the op set's attribute
+    torch: Any       # PyTorch's implementation: the default, and what the Triton one must agree with
+    triton: str      # "module:attribute" of the Triton implementation, imported only when chosen
+    summary: str     # what it computes, for --help texts and docs
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's implementations
 
 
 def torch_attention(q, k, v):
@@ -35,101 +47,121 @@ def torch_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def torch_layer_norm(x, weight, bias, eps=1e-5):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-
-def torch_add_layer_norm(x, delta, weight, bias, eps=1e-5):
-    """Returns (x + delta, layer_norm(x + delta)): the residual stream and the next sublayer's input."""
-    x = x + delta
-    return x, torch_layer_norm(x, weight, bias, eps)
+def torch_layernorm(x, delta, weight, bias, eps=1e-5):
+    """(x + delta, layer_norm(x + delta)): the residual stream and the next sublayer's input.
+    delta None: (x, layer_norm(x))."""
+    if delta is not None:
+        x = x + delta
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def torch_gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-@dataclass(frozen=True)
+# ---------------------------------------------------------------------------------------------
+# the registry: one entry per op
+
+OPS = (
+    Op("attention", torch_attention, "kernels.attention:flash_attention",
+       "(q, k, v), each (B, H, T, D) -> causal softmax attention (B, H, T, D)"),
+    Op("layernorm", torch_layernorm, "kernels.layernorm:add_layer_norm",
+       "(x, delta | None, weight, bias, eps) -> (x + delta, LayerNorm(x + delta))"),
+    Op("gelu", torch_gelu, "kernels.gelu:gelu",
+       "x -> GELU, tanh approximation"),
+    Op("adamw", torch.optim.AdamW, "kernels.adamw:FusedAdamW",
+       "an Optimizer class with torch.optim.AdamW's signature"),
+)
+OP_NAMES = tuple(op.name for op in OPS)
+_BY_NAME = {op.name: op for op in OPS}
+
+
 class OpSet:
-    attention: Callable          # (q, k, v) (B, H, T, D) -> causal attention (B, H, T, D)
-    layer_norm: Callable         # (x, weight, bias, eps) -> y
-    add_layer_norm: Callable     # (x, delta, weight, bias, eps) -> (x + delta, y)
-    gelu: Callable               # tanh approximation
-    adamw: type                  # a torch.optim.Optimizer class with AdamW's signature
-    on_triton: frozenset         # names of the ops that run on Triton
+    """One implementation per op of OPS, as attributes named after the ops."""
+
+    def __init__(self, implementations: dict, on_triton: frozenset, interpreted: bool = False):
+        self.__dict__.update(implementations)
+        self.on_triton = on_triton          # names of the ops that run on Triton
+        self.interpreted = interpreted      # those run in the Triton interpreter (no CUDA device)
 
     @property
     def spec(self) -> str:
+        """The --kernels value that resolves to this op set."""
         if not self.on_triton:
             return "torch"
         if self.on_triton == frozenset(OP_NAMES):
             return "triton"
         return ",".join(name for name in OP_NAMES if name in self.on_triton)
 
-
-TORCH_OPS = OpSet(
-    attention=torch_attention,
-    layer_norm=torch_layer_norm,
-    add_layer_norm=torch_add_layer_norm,
-    gelu=torch_gelu,
-    adamw=torch.optim.AdamW,
-    on_triton=frozenset(),
-)
+    def __repr__(self) -> str:
+        return f"OpSet({self.spec!r}{', interpreted' if self.interpreted else ''})"
 
 
-def parse(spec: str) -> frozenset:
-    """'torch' | 'triton' | 'attention,gelu,...' -> the set of op names to run on Triton."""
+def parse(spec: str, device=None) -> frozenset:
+    """'torch' | 'triton' | 'auto' | 'attention,gelu,...' -> the set of op names to run on Triton."""
     spec = (spec or "").strip().lower()
+    if spec == "auto":
+        spec = "triton" if _is_cuda(device) else "torch"
     if spec == "torch":
         return frozenset()
     if spec == "triton":
         return frozenset(OP_NAMES)
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in OP_NAMES]
+    unknown = [name for name in names if name not in _BY_NAME]
     if not names or unknown:
         raise KernelsError(
-            f"unknown kernels {', '.join(unknown) or repr(spec)}: use 'torch', 'triton', "
+            f"unknown kernels {', '.join(unknown) or repr(spec)}: use 'auto', 'torch', 'triton', "
             f"or a comma list of {', '.join(OP_NAMES)}"
         )
     return frozenset(names)
 
 
-def _load_triton(name: str) -> tuple:
-    module_name, attrs = _TRITON_SOURCES[name]
+def resolve(spec, device=None) -> OpSet:
+    """The op set for a --kernels value (an OpSet passes through unchanged); see the module docstring.
+
+    device: where the model will run (None: the machine's default). Triton ops off CUDA run in the
+    Triton interpreter."""
+    if isinstance(spec, OpSet):
+        return spec
+    on_triton = parse(spec, device)
+    interpreted = bool(on_triton) and not _is_cuda(device)
+    if interpreted:
+        _use_interpreter()
+    chosen = {op.name: _load_triton(op) if op.name in on_triton else op.torch for op in OPS}
+    return OpSet(chosen, on_triton, interpreted)
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def _use_interpreter() -> None:
+    """Turn on the Triton interpreter; it must be on before a kernel module is imported (triton.jit
+    reads it when the kernel is defined)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if any(name.startswith("kernels.") for name in sys.modules):
+        raise KernelsError("the Triton kernels were already loaded for the GPU in this process, so they cannot "
+                           "run on this CPU device: use --kernels=torch, or set TRITON_INTERPRET=1 before starting")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _load_triton(op: Op):
+    module_name, attribute = op.triton.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name == "triton":
             raise KernelsError(
-                f"the Triton kernel '{name}' needs the triton package, which is not installed "
+                f"the Triton kernel '{op.name}' needs the triton package, which is not installed "
                 f"(pip install triton, Linux only); or run it on PyTorch: --kernels=torch"
             ) from None
         if err.name != module_name:
             raise
         raise KernelsError(
-            f"the Triton kernel '{name}' is not implemented yet ({module_name.replace('.', '/')}.py "
-            f"is missing): leave '{name}' out of --kernels, e.g. --kernels=torch"
+            f"the Triton kernel '{op.name}' is not implemented yet ({module_name.replace('.', '/')}.py "
+            f"is missing): leave '{op.name}' out of --kernels, e.g. --kernels=torch"
         ) from None
-    return tuple(getattr(module, attr) for attr in attrs)
-
-
-def resolve(spec: str) -> OpSet:
-    """The op set for a --kernels value; see the module docstring."""
-    on_triton = parse(spec)
-    chosen = {
-        "attention": TORCH_OPS.attention,
-        "layer_norm": TORCH_OPS.layer_norm,
-        "add_layer_norm": TORCH_OPS.add_layer_norm,
-        "gelu": TORCH_OPS.gelu,
-        "adamw": TORCH_OPS.adamw,
-    }
-    if "attention" in on_triton:
-        (flash_attention,) = _load_triton("attention")
-        chosen["attention"] = lambda q, k, v: flash_attention(q, k, v, causal=True)
-    if "layernorm" in on_triton:
-        chosen["layer_norm"], chosen["add_layer_norm"] = _load_triton("layernorm")
-    if "gelu" in on_triton:
-        (chosen["gelu"],) = _load_triton("gelu")
-    if "adamw" in on_triton:
-        (chosen["adamw"],) = _load_triton("adamw")
-    return OpSet(on_triton=on_triton, **chosen)
+    return getattr(module, attribute)

@@ -109,13 +109,6 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // per_micro_step
 
 
-def resolve_kernels(spec: str, device: torch.device) -> str:
-    """'auto' -> triton on CUDA, torch elsewhere (the interpreter is for tests, not training)."""
-    if spec == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return ops_module.resolve(spec).spec  # validates, with the message that lists the names
-
-
 # ---------------------------------------------------------------------------------------------
 # one optimizer step, shared by the trainer and benchmarks/bench_train.py
 
@@ -165,7 +158,7 @@ class Run:
         if self.dtype not in DTYPES:
             raise TrainError(f"unknown --dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.kernels = resolve_kernels(cfg.kernels, device)
+        self.ops = ops_module.resolve(cfg.kernels, device)
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
@@ -198,9 +191,9 @@ class Run:
     def _build_model(self) -> GPT:
         cfg = self.cfg
         if cfg.init_from:
-            return GPT.from_pretrained(cfg.init_from, kernels=self.kernels)
+            return GPT.from_pretrained(cfg.init_from, kernels=self.ops)
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, kernels=self.kernels))
+                             n_head=cfg.n_head, n_embd=cfg.n_embd), self.ops)
 
     def _data_dir(self) -> str:
         if self.cfg.data:
@@ -354,7 +347,8 @@ class Run:
 
     def run(self):
         cfg = self.cfg
-        self.print(f"kernels={self.kernels} device={self.device} dtype={self.dtype} compile={self.compile} "
+        interpreted = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
+        self.print(f"kernels={self.ops.spec}{interpreted} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
         while self.step < cfg.max_steps:

@@ -2,24 +2,16 @@
 
     from kernels import flash_attention, layer_norm, add_layer_norm, gelu, FusedAdamW
 
-Each name is imported on first use, so `import kernels` neither imports Triton nor fails for an op
-whose file does not exist yet.
+Every kernel file lists its public names in `__all__`; this package exports them all, so that
+`from kernels import gelu` is the function gelu, never the module kernels/gelu.py. Importing the
+package imports Triton. Set TRITON_INTERPRET=1 before the import to run the kernels on CPU tensors.
 """
 import importlib
+import pkgutil
 
-_MODULE_OF = {
-    "flash_attention": "attention",
-    "layer_norm": "layernorm",
-    "add_layer_norm": "layernorm",
-    "gelu": "gelu",
-    "FusedAdamW": "adamw",
-}
-
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    module = importlib.import_module(f"kernels.{_MODULE_OF[name]}")
-    return getattr(module, name)
+__all__ = []
+for _module_info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_module_info.name}")
+    for _name in getattr(_module, "__all__", ()):
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

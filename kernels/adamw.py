@@ -17,8 +17,10 @@ whose grad is None is skipped, its t included):
 
 Loads in the params' dtype (fp32, bf16 or fp16), computes in fp32, keeps exp_avg, exp_avg_sq and step in
 fp32 (step as a 0-d fp32 tensor on the params' device, like torch's fused AdamW), so a state_dict moves
-between this class and torch.optim.AdamW both ways. The bias corrections are computed in fp64 inside
-the kernel: 1 - 0.999^t in fp32 would lose four digits to cancellation.
+between this class and torch.optim.AdamW both ways. The bias corrections 1 - beta^t are computed in fp32
+as -expm1(t * log1p(-(1 - beta))), with log1p and expm1 written to keep full fp32 accuracy: the plain
+1 - exp(t * log(beta)) would lose four digits to cancellation at beta = 0.999, and fp64 arithmetic is
+slow on most GPUs (no kernel of this project does any).
 
 Design: a table of addresses, not flat buffers. Each step builds (and caches while nothing moved) an
 int64 table with one row per tensor -- the addresses of param, grad, exp_avg, exp_avg_sq and step,
@@ -57,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+__all__ = ["FusedAdamW"]
+
 BLOCK = 4096       # elements per program
 NUM_WARPS = 8      # 16 elements per thread: four 128-bit loads per stream in flight
 
@@ -74,6 +78,20 @@ def _address(table, t, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:  # every address of this table is a multiple of 16 bytes: 128-bit loads
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x), accurate for small x in fp32 (Goldberg): the rounding of 1 + x cancels out."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1, accurate for small x in fp32 (Kahan): the rounding of exp(x) cancels out."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
 
 
 @triton.jit
@@ -99,22 +117,24 @@ def _adamw_kernel(
     P_DTYPE: tl.constexpr,       # dtype of params and grads; exp_avg, exp_avg_sq and step are fp32
     CLIP: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    lr, weight_decay, eps = tl.cast(lr, tl.float32), tl.cast(weight_decay, tl.float32), tl.cast(eps, tl.float32)
+    one_minus_beta1, one_minus_beta2 = tl.cast(one_minus_beta1, tl.float32), tl.cast(one_minus_beta2, tl.float32)
     t, offs, mask = _block(table, block_tensor, block_index, first_block, MASKED, BLOCK)
     p_ptr = _address(table, t, PARAM, P_DTYPE, ALIGNED) + offs
     g_ptr = _address(table, t, GRAD, P_DTYPE, ALIGNED) + offs
     m_ptr = _address(table, t, EXP_AVG, tl.float32, ALIGNED) + offs
     v_ptr = _address(table, t, EXP_AVG_SQ, tl.float32, ALIGNED) + offs
 
-    # per-tensor scalars, in fp64: 1 - beta2^t cancels most of an fp32's digits
-    step = tl.load(_address(table, t, STEP, tl.float32, False)).to(tl.float64)  # already incremented
-    bias1 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta1, tl.float64)))
-    bias2 = 1.0 - tl.exp(step * tl.log(1.0 - tl.cast(one_minus_beta2, tl.float64)))
-    step_size = (tl.cast(lr, tl.float64) / bias1).to(tl.float32)
-    bias2_sqrt = tl.sqrt(bias2).to(tl.float32)
+    # per-tensor scalars: 1 - beta^t = -expm1(t * log1p(-(1 - beta))), without cancellation
+    step = tl.load(_address(table, t, STEP, tl.float32, False))  # already incremented
+    bias1 = -_expm1(step * _log1p(-one_minus_beta1))
+    bias2 = -_expm1(step * _log1p(-one_minus_beta2))
+    step_size = lr / bias1
+    bias2_sqrt = tl.sqrt_rn(bias2)
 
     g = tl.load(g_ptr, mask=mask).to(tl.float32)
     if CLIP:
-        g = g * tl.minimum(max_norm / (tl.load(norm_ptr) + 1e-6), 1.0)
+        g = g * tl.minimum(tl.cast(max_norm, tl.float32) / (tl.load(norm_ptr) + 1e-6), 1.0)
     m = tl.load(m_ptr, mask=mask)
     v = tl.load(v_ptr, mask=mask)
     p = tl.load(p_ptr, mask=mask).to(tl.float32)

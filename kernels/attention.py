@@ -44,7 +44,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from kernels.launch import direct, traced
+
+__all__ = ["flash_attention"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = math.log2(math.e)
@@ -129,6 +133,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks have the most work: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -244,6 +249,8 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,      # keys per program, queries per step
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_n = tl.program_id(0)  # causal: the first key blocks have the most work and already start first
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -324,6 +331,8 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks have the most work: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -362,7 +371,7 @@ def _attn_bwd_dq(
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers, registered as custom ops so that torch.compile traces them without graph breaks
+# launchers
 
 
 def _last_dim_contiguous(x):
@@ -401,9 +410,7 @@ def _check(q, k, v):
         raise ValueError(f"flash_attention supports head dims 16, 32, 64, 128, got {D}")
 
 
-@triton_op("gpt2::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, causal, sm_scale, launch):
     """(o, lse): o (B, H, T, D) in (B, T, H, D) memory, lse (B, H, T) fp32 in base 2."""
     _check(q, k, v)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -414,7 +421,7 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    wrap_triton(_attn_fwd)[grid](
+    launch(_attn_fwd)[grid](
         q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
         H, T, _tuning_bucket(T), sm_scale * _LOG2E,
         HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
@@ -422,10 +429,7 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     return o, lse
 
 
-@triton_op("gpt2::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                         lse: torch.Tensor, causal: bool,
-                         sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(do, q, k, v, o, lse, causal, sm_scale, launch):
     """(dq, dk, dv), each (B, H, T, D) in (B, T, H, D) memory."""
     do = _last_dim_contiguous(do)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -433,7 +437,7 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     delta = torch.empty_like(lse)
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
     block_delta = 32 if _INTERPRET else 64
-    wrap_triton(_bwd_delta)[(triton.cdiv(T, block_delta), B * H)](
+    launch(_bwd_delta)[(triton.cdiv(T, block_delta), B * H)](
         o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
     )
 
@@ -445,11 +449,11 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     qk_scale = sm_scale * _LOG2E
     t_bucket = _tuning_bucket(T)
-    wrap_triton(_attn_bwd_dkdv)[dkdv_grid](
+    launch(_attn_bwd_dkdv)[dkdv_grid](
         q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
-    wrap_triton(_attn_bwd_dq)[dq_grid](
+    launch(_attn_bwd_dq)[dq_grid](
         q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
@@ -457,23 +461,50 @@ def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd
+# the torch.compile path: custom ops that launch through wrap_triton
 
 
-def _setup_context(ctx, inputs, output):
+@triton_op("gpt2::flash_attention_fwd", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, sm_scale, traced)
+
+
+@triton_op("gpt2::flash_attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, causal: bool,
+                      sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, sm_scale, traced)
+
+
+def _op_setup(ctx, inputs, output):
     q, k, v, causal, sm_scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, *output)
     ctx.causal, ctx.sm_scale = causal, sm_scale
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None
+def _op_backward(ctx, do, _dlse):
+    return *_attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale), None, None
 
 
-torch.library.register_autograd("gpt2::flash_attention_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("gpt2::flash_attention_fwd", _op_backward, setup_context=_op_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager path: an autograd.Function that launches directly
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        o, lse = _forward(q, k, v, causal, sm_scale, direct)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return *_backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, direct), None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,5 +535,6 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
         sm_scale = q.shape[-1] ** -0.5
     if not sm_scale > 0:
         raise ValueError(f"flash_attention wants sm_scale > 0, got {sm_scale}")
-    o, _ = _flash_attention_fwd(q, k, v, causal, float(sm_scale))
-    return o
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, causal, float(sm_scale))[0]
+    return _AttentionFunction.apply(q, k, v, causal, float(sm_scale))

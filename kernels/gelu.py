@@ -14,7 +14,11 @@ write of dx. Non-contiguous inputs are copied to contiguous first. No double bac
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from kernels.launch import direct, traced
+
+__all__ = ["gelu"]
 
 # 16 elements a thread: two 16-byte loads of bf16 per input. ptxas for sm_90: 32-35 registers a thread,
 # so 16 programs share a multiprocessor with 64 KB of loads in flight. Not yet timed on a GPU.
@@ -52,39 +56,62 @@ def _gelu_bwd_kernel(X, DY, DX, n_elements, BLOCK: tl.constexpr):   # X, DY, DX:
     tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, out_like: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+def _elementwise(kernel, out_like: torch.Tensor, inputs, launch) -> torch.Tensor:
     """Runs an elementwise kernel over contiguous copies of inputs; the result is shaped like out_like."""
-    inputs = [t.contiguous() for t in inputs]
     out = torch.empty(out_like.shape, dtype=out_like.dtype, device=out_like.device)
     n = out.numel()
     if n > 0:
-        wrap_triton(kernel)[(triton.cdiv(n, BLOCK),)](*inputs, out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(kernel)[(triton.cdiv(n, BLOCK),)](*[t.contiguous() for t in inputs], out, n,
+                                                 BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the torch.compile path: custom ops that launch through wrap_triton
+
+
 @triton_op("gpt2::gelu_fwd", mutates_args={})
-def _gelu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _launch(_gelu_fwd_kernel, x, x)
+def _gelu_op(x: torch.Tensor) -> torch.Tensor:
+    return _elementwise(_gelu_fwd_kernel, x, (x,), traced)
 
 
 @triton_op("gpt2::gelu_bwd", mutates_args={})
-def _gelu_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    return _launch(_gelu_bwd_kernel, x, x, dy)
+def _gelu_bwd_op(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    return _elementwise(_gelu_bwd_kernel, x, (x, dy), traced)
 
 
 def _setup(ctx, inputs, output):
-    (x,) = inputs
-    ctx.save_for_backward(x)
+    ctx.save_for_backward(inputs[0])
 
 
-def _backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return _gelu_bwd(x, dy)
+def _op_backward(ctx, dy):
+    return _gelu_bwd_op(ctx.saved_tensors[0], dy)
 
 
-_gelu_fwd.register_autograd(_backward, setup_context=_setup)
+_gelu_op.register_autograd(_op_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager path: an autograd.Function that launches directly
+
+
+class _GeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _elementwise(_gelu_fwd_kernel, x, (x,), direct)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _elementwise(_gelu_bwd_kernel, ctx.saved_tensors[0], (ctx.saved_tensors[0], dy), direct)
+
+
+# ---------------------------------------------------------------------------------------------
+# public
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation; y has x's shape and dtype."""
-    return _gelu_fwd(x)
+    if torch.compiler.is_compiling():
+        return _gelu_op(x)
+    return _GeluFunction.apply(x)

@@ -13,40 +13,50 @@ The fused add returns s too: the residual stream goes on, so s gets its own grad
 dx = ddelta = ds + dLN/ds. The sum s is rounded to its dtype before the statistics are taken, as
 `x + delta` followed by `F.layer_norm` would do, so the backward recomputes xhat from s exactly.
 
+Output dtypes: s has the promoted dtype of x and delta. y has x's (or s's) dtype, except under autocast,
+where it is written in the autocast dtype: y always feeds a matmul, which would cast it anyway. In the
+model under bf16 autocast (fp32 residual x, bf16 sublayer output delta) that is 12 bytes an element
+forward (read 4 + 2, write 4 + 2) instead of 20 (a 4-byte y, then autocast's cast kernel reading it
+and writing 2), and the backward reads a 2-byte dy instead of a cast's 4-byte one.
+
 Design: one program holds a (BLOCK_M, BLOCK_N >= C) tile of whole rows in registers (kernels/rowwise.py
 picks the tile), so x is read once forward and (x, dy) once backward. dw and db are summed over rows in
 fp32 by a fixed grid of persistent programs, one partial row per program, then the partials are added
 by torch.sum: parallel, and deterministic run to run (no atomics). Fast up to C = 8192; C is limited to
-rowwise.MAX_COLS (16384). Inputs may be non-contiguous (rows are copied to unit column stride when
-needed); weight and bias are 1-D of length C, bias may be None. No double backward.
+rowwise.MAX_COLS (16384). Rows are read contiguous (a strided input is copied first); weight and bias
+are 1-D of length C, bias may be None. No double backward.
 """
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from kernels.launch import autocast_dtype, direct, traced
 from kernels.rowwise import persistent_programs, row_config
+
+__all__ = ["layer_norm", "add_layer_norm"]
 
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, DELTA, S, Y, W, B, MEAN, RSTD,    # X, DELTA, S, Y: (rows, C) with row strides; W, B: (C,); MEAN, RSTD: (rows,) fp32
-    stride_x, stride_delta, stride_s, stride_y,
+    X, DELTA, S, Y, W, B,                # X, DELTA, S, Y: (rows, C) contiguous; W, B: (C,)
+    STATS,                               # (2, rows) fp32: mean, then rstd
     n_rows, n_cols, eps,
     HAS_DELTA: tl.constexpr,             # fused residual add: s = x + delta is stored and normalized
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols[None, :] < n_cols)
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        x += tl.load(DELTA + rows64 * stride_delta + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(DELTA + offsets, mask=mask, other=0.0).to(tl.float32)
         s = x.to(S.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        tl.store(S + offsets, s, mask=mask)
         x = s.to(tl.float32)  # normalize what was stored, as the unfused ops would
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -55,16 +65,16 @@ def _layer_norm_fwd_kernel(
     y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + rows, mean, mask=row_mask)
+    tl.store(STATS + n_rows + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X, DY, DS, DX, W, MEAN, RSTD,        # X, DY, DS, DX: (rows, C) with row strides; W: (C,); MEAN, RSTD: (rows,)
+    X, DY, DS, DX, W,                    # X, DY, DS, DX: (rows, C) contiguous; W: (C,)
+    STATS,                               # (2, rows) fp32: mean, then rstd
     PARTIAL,                             # (2, programs, C) fp32: each program's sums over its rows of dw, db
-    stride_x, stride_dy, stride_ds, stride_dx,
     n_rows, n_cols,
     HAS_DS: tl.constexpr,                # fused residual add: the sum's own gradient is added to dx
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -81,29 +91,27 @@ def _layer_norm_bwd_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(STATS + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(STATS + n_rows + rows, mask=row_mask, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
         c_xhat = tl.sum(g * xhat, axis=1) / n_cols
         c_one = tl.sum(g, axis=1) / n_cols
         dx = (g - c_one[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
         if HAS_DS:
-            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DS + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
     tl.store(PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
     tl.store(PARTIAL + (n_programs + pid) * n_cols + cols, db, mask=col_mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., C) -> (rows, C) with unit column stride, a view where possible."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+# ---------------------------------------------------------------------------------------------
+# launchers
 
 
 def _check(x: torch.Tensor, delta, weight: torch.Tensor, bias) -> None:
@@ -115,118 +123,136 @@ def _check(x: torch.Tensor, delta, weight: torch.Tensor, bias) -> None:
                          f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
 
 
-def _forward(x, delta, weight, bias, eps):
-    """Launches the forward kernel; returns (s or None, y, mean, rstd), s and y shaped like x."""
+def _forward(x, delta, weight, bias, eps, out_dtype, launch):
+    """Returns s (None without delta) and y, shaped like x, and the (2, rows) fp32 mean and rstd."""
     _check(x, delta, weight, bias)
+    has_delta = delta is not None
+    x = x.contiguous()
     n_cols = x.shape[-1]
-    x2 = _rows(x)
-    n_rows = x2.shape[0]
-    has_bias = bias is not None
-    weight = weight.contiguous()
-    bias = bias.contiguous() if has_bias else weight  # a placeholder pointer when HAS_BIAS is off
-    out_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    n_rows = x.numel() // n_cols if n_cols else 0
+    s_dtype = torch.promote_types(x.dtype, delta.dtype) if has_delta else x.dtype
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+    stats = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)
     # without delta, x and y stand in for delta and s: HAS_DELTA=False never touches them
-    d2 = x2 if delta is None else _rows(delta)
-    s = y if delta is None else torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+    delta = delta.contiguous() if has_delta else x
+    s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if has_delta else y
     if n_rows > 0:
         cfg = row_config(n_cols)
-        wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg.block_m),)](
-            x2, d2, s, y, weight, bias, mean, rstd,
-            x2.stride(0), d2.stride(0), s.stride(0), y.stride(0),
-            n_rows, n_cols, eps,
-            HAS_DELTA=delta is not None, HAS_BIAS=has_bias,
+        launch(_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg.block_m),)](
+            x, delta, s, y, weight, bias if bias is not None else weight, stats, n_rows, n_cols, eps,
+            HAS_DELTA=has_delta, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
-    shape = (*x.shape[:-1], n_cols)
-    return (None if delta is None else s.view(shape)), y.view(shape), mean, rstd
+    return (s if has_delta else None), y, stats
 
 
-def _backward(dy, ds, x, weight, mean, rstd):
-    """Launches the backward kernel; returns dx and (dweight, dbias) stacked as (2, C) in weight's dtype.
-
-    x is the normalized input (s when fused). A custom op's outputs may not alias one another, so the
-    two weight gradients leave as one tensor and are split by the caller.
-
-    dbias is computed whether or not there is a bias: one more fp32 accumulator, no extra traffic.
-    """
+def _backward(dy, ds, x, weight, stats, launch):
+    """Returns dx and (dweight, dbias) stacked as (2, C) in weight's dtype; x is the normalized input
+    (s when fused). dbias is computed whether or not there is a bias: one more fp32 accumulator, no
+    extra traffic."""
+    has_ds = ds is not None
+    x, dy = x.contiguous(), dy.contiguous()
+    ds = ds.contiguous() if has_ds else dy  # a placeholder when HAS_DS is off
     n_cols = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
-    ds2 = dy2 if ds is None else _rows(ds)  # a placeholder when HAS_DS is off
-    weight = weight.contiguous()
-    n_rows = x2.shape[0]
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    n_rows = x.numel() // n_cols if n_cols else 0
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     cfg = row_config(n_cols)
     programs = persistent_programs(x.device)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
-    wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-        x2, dy2, ds2, dx, weight, mean, rstd, partial,
-        x2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
-        n_rows, n_cols,
-        HAS_DS=ds is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+    launch(_layer_norm_bwd_kernel)[(programs,)](
+        x, dy, ds, dx, weight, stats, partial, n_rows, n_cols,
+        HAS_DS=has_ds, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )
-    return dx.view(x.shape), partial.sum(1).to(weight.dtype)  # one launch for both
+    return dx, partial.sum(1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops, so that torch.compile traces the kernels without a graph break
+# autograd, shared by both paths: what is saved, and the gradients from the backward launcher
+
+
+def _save(ctx, normalized, weight, bias, stats, input_dtypes):
+    ctx.save_for_backward(normalized, weight, stats)
+    ctx.has_bias, ctx.input_dtypes = bias is not None, input_dtypes
+
+
+def _gradients(ctx, ds, dy, backward):
+    """[dx (, ddelta)], dweight, dbias for the inputs of the forward, from backward(dy, ds, s, w, stats)."""
+    s, weight, stats = ctx.saved_tensors
+    dsum, dweight_dbias = backward(torch.zeros_like(s) if dy is None else dy, ds, s, weight, stats)
+    dbias = dweight_dbias[1] if ctx.has_bias else None  # indexed, not unpacked: iterating a tensor is slow
+    return [dsum.to(dtype) for dtype in ctx.input_dtypes], dweight_dbias[0], dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch.compile path: custom ops that launch through wrap_triton
 
 
 @triton_op("gpt2::layer_norm_fwd", mutates_args={})
-def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, y, mean, rstd = _forward(x, None, weight, bias, eps)
-    return y, mean, rstd
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                   out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _, y, stats = _forward(x, None, weight, bias, eps, out_dtype, traced)
+    return y, stats
 
 
 @triton_op("gpt2::add_layer_norm_fwd", mutates_args={})
-def _add_layer_norm_fwd(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, delta, weight, bias, eps)
+def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       eps: float, out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, delta, weight, bias, eps, out_dtype, traced)
 
 
 @triton_op("gpt2::layer_norm_bwd", mutates_args={})
-def _layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                    mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, ds, x, weight, mean, rstd)
+def _layer_norm_bwd_op(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                       stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # a custom op's outputs may not alias one another, so dweight and dbias leave as one (2, C) tensor
+    return _backward(dy, ds, x, weight, stats, traced)
 
 
-def _grad_or_zeros(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
+def _layer_norm_op_setup(ctx, inputs, output):
+    x, weight, bias, _, _ = inputs
+    _save(ctx, x, weight, bias, output[1], (x.dtype,))
 
 
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
+def _layer_norm_op_backward(ctx, dy, _dstats):
+    (dx,), dweight, dbias = _gradients(ctx, None, dy, _layer_norm_bwd_op)
+    return dx, dweight, dbias, None, None
 
 
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, (dweight, dbias) = _layer_norm_bwd(_grad_or_zeros(dy, x), None, x, weight, mean, rstd)
-    return dx, dweight, dbias if ctx.has_bias else None, None
+def _add_layer_norm_op_setup(ctx, inputs, output):
+    x, delta, weight, bias, _, _ = inputs
+    s, _, stats = output
+    _save(ctx, s, weight, bias, stats, (x.dtype, delta.dtype))
 
 
-def _add_layer_norm_setup(ctx, inputs, output):
-    x, delta, weight, bias, _ = inputs
-    s, _, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-    ctx.x_dtype, ctx.delta_dtype = x.dtype, delta.dtype
+def _add_layer_norm_op_backward(ctx, ds, dy, _dstats):
+    (dx, ddelta), dweight, dbias = _gradients(ctx, ds, dy, _layer_norm_bwd_op)
+    return dx, ddelta, dweight, dbias, None, None
 
 
-def _add_layer_norm_backward(ctx, ds, dy, _dmean, _drstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    dsum, (dweight, dbias) = _layer_norm_bwd(_grad_or_zeros(dy, s), ds, s, weight, mean, rstd)
-    return dsum.to(ctx.x_dtype), dsum.to(ctx.delta_dtype), dweight, dbias if ctx.has_bias else None, None
+_layer_norm_op.register_autograd(_layer_norm_op_backward, setup_context=_layer_norm_op_setup)
+_add_layer_norm_op.register_autograd(_add_layer_norm_op_backward, setup_context=_add_layer_norm_op_setup)
 
 
-_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
-_add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+# ---------------------------------------------------------------------------------------------
+# the eager path: an autograd.Function that launches directly
+
+
+def _backward_direct(dy, ds, x, weight, stats):
+    return _backward(dy, ds, x, weight, stats, direct)
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, eps, out_dtype):
+        s, y, stats = _forward(x, delta, weight, bias, eps, out_dtype, direct)
+        input_dtypes = (x.dtype,) if delta is None else (x.dtype, delta.dtype)
+        _save(ctx, x if s is None else s, weight, bias, stats, input_dtypes)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        dinputs, dweight, dbias = _gradients(ctx, ds, dy, _backward_direct)
+        dx, ddelta = dinputs if len(dinputs) == 2 else (dinputs[0], None)
+        return dx, ddelta, dweight, dbias, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,16 +260,24 @@ _add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_a
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dimension of x (..., C); y has x's dtype and shape."""
-    y, _, _ = _layer_norm_fwd(x, weight, bias, eps)
-    return y
+    """LayerNorm over the last dimension of x (..., C); y has x's shape, and x's dtype outside autocast."""
+    out_dtype = autocast_dtype(x.device)
+    if torch.compiler.is_compiling():
+        return _layer_norm_op(x, weight, bias, eps, out_dtype)[0]
+    return _LayerNormFunction.apply(x, None, weight, bias, eps, out_dtype)[1]
 
 
-def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, layer_norm(x + delta)) in one pass: the residual stream and the next sublayer's input."""
-    s, y, _, _ = _add_layer_norm_fwd(x, delta, weight, bias, eps)
-    return s, y
+    """(x + delta, layer_norm(x + delta)) in one pass: the residual stream and the next sublayer's input.
+    delta None: (x, layer_norm(x))."""
+    if delta is None:
+        return x, layer_norm(x, weight, bias, eps)
+    out_dtype = autocast_dtype(x.device)
+    if torch.compiler.is_compiling():
+        s, y, _ = _add_layer_norm_op(x, delta, weight, bias, eps, out_dtype)
+        return s, y
+    return _LayerNormFunction.apply(x, delta, weight, bias, eps, out_dtype)
 
 
 def layer_norm_ref(x, weight, bias, eps=1e-5, upcast=True):

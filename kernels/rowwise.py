@@ -29,7 +29,12 @@ class RowConfig:
 
 
 def row_config(n_cols: int) -> RowConfig:
-    n_cols = int(n_cols)  # under torch.compile with dynamic shapes: specialize on C, a model constant
+    # int(): under torch.compile with dynamic shapes, specialize on C, a model constant
+    return _row_config(int(n_cols))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_config(n_cols: int) -> RowConfig:  # cached: it is on the host path of every call
     if n_cols > MAX_COLS:
         raise ValueError(f"row-wise kernels take rows of at most {MAX_COLS} elements, got {n_cols}")
     block_n = triton.next_power_of_2(max(n_cols, 1))

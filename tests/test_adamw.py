@@ -138,6 +138,26 @@ def test_clip_folded_into_step(device, max_norm):
     assert max_rel_err(params, ref_params) <= 1e-6, f"step after clip: {max_rel_err(params, ref_params):.2e}"
 
 
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.95)])
+def test_bias_corrections_in_fp32_are_exact_to_rounding(device, betas):
+    """1 - beta^t in fp32 without cancellation: one step at t = 1, 2, 7, 1000, 10**6 against float64,
+    from p = 0 so that p holds the update itself. The plain 1 - exp(t log beta) in fp32 is off by
+    1.3e-5 relative at beta = 0.999, t = 1 (6e-6 in the update)."""
+    for t in (1, 2, 7, 1000, 10**6):
+        p = torch.nn.Parameter(torch.zeros(5, device=device))
+        opt = FusedAdamW([p], lr=1e-2, betas=betas, eps=0.0, weight_decay=0.0)
+        p.grad = torch.full((5,), 0.25, device=device)
+        state = {"step": torch.tensor(float(t - 1)), "exp_avg": torch.full((5,), 0.125),
+                 "exp_avg_sq": torch.full((5,), 0.0625)}
+        opt.load_state_dict({"state": {0: state}, "param_groups": opt.state_dict()["param_groups"]})
+        opt.step()
+        b1, b2 = betas
+        m, v = b1 * 0.125 + (1 - b1) * 0.25, b2 * 0.0625 + (1 - b2) * 0.0625
+        want = -1e-2 / (1 - b1**t) * m / (math.sqrt(v) / math.sqrt(1 - b2**t))
+        err = abs(p[0].item() - want) / abs(want)
+        assert err <= 1e-6, f"t={t}, betas={betas}: update off by {err:.1e} of its size"
+
+
 def round_to_bf16(x):
     """The kernel's fp32 -> bf16 store: round to nearest even on the GPU; the Triton 3.9 interpreter
     truncates instead (an interpreter gap), so under it the reference truncates too."""

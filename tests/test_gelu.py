@@ -74,7 +74,7 @@ def test_gpu_sizes(dtype, device, poison):
 
 @pytest.mark.gpu
 def test_opcheck(device):
-    torch.library.opcheck(gelu_module._gelu_fwd, (torch.randn(37, 100, device=device, requires_grad=True),))
+    torch.library.opcheck(gelu_module._gelu_op, (torch.randn(37, 100, device=device, requires_grad=True),))
 
 
 @pytest.mark.gpu

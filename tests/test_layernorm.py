@@ -188,8 +188,8 @@ def test_gpu_sizes(shape, dtype, device, poison):
 def test_opcheck(device):
     """Schema, fake tensor and autograd registration (opcheck runs real kernels: GPU only)."""
     x, delta, w, b = make_inputs((37, 768), torch.float32, device, n=2)
-    torch.library.opcheck(layernorm._layer_norm_fwd, (x, w, b, 1e-5))
-    torch.library.opcheck(layernorm._add_layer_norm_fwd, (x, delta, w, b, 1e-5))
+    torch.library.opcheck(layernorm._layer_norm_op, (x, w, b, 1e-5, None))
+    torch.library.opcheck(layernorm._add_layer_norm_op, (x, delta, w, b, 1e-5, None))
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""The switch: names, errors, and no silent fallback to PyTorch."""
+"""The switch: one declaration per op, names, errors, and no silent fallback to PyTorch."""
 import pytest
 
 from gpt2 import GPT, GPTConfig
@@ -8,13 +8,45 @@ from gpt2 import ops
 def test_torch_is_pytorch_everywhere():
     op_set = ops.resolve("torch")
     assert op_set.on_triton == frozenset() and op_set.spec == "torch"
-    assert op_set.attention is ops.torch_attention and op_set.gelu is ops.torch_gelu
+    for op in ops.OPS:
+        assert getattr(op_set, op.name) is op.torch
+
+
+def test_triton_takes_every_declared_op_from_its_kernel_file():
+    import kernels
+
+    op_set = ops.resolve("triton")
+    assert op_set.spec == "triton" and op_set.on_triton == frozenset(ops.OP_NAMES)
+    for op in ops.OPS:
+        module, attribute = op.triton.split(":")
+        assert getattr(op_set, op.name) is getattr(kernels, attribute)  # exported by the package too
+        assert module.startswith("kernels.")
+
+
+def test_package_exports_functions_not_modules():
+    import kernels.gelu  # noqa: F401  (the submodule import used to shadow the function)
+    from kernels import FusedAdamW, add_layer_norm, flash_attention, gelu, layer_norm
+
+    assert all(callable(f) and not isinstance(f, type(kernels)) for f in
+               (flash_attention, layer_norm, add_layer_norm, gelu, FusedAdamW))
+    assert gelu.__name__ == "gelu"
 
 
 @pytest.mark.parametrize("spec", ["flash", "attention,softmax", "", ","])
 def test_unknown_names_list_the_valid_ones(spec):
-    with pytest.raises(ops.KernelsError, match="attention, layernorm, gelu, adamw"):
+    with pytest.raises(ops.KernelsError, match=", ".join(ops.OP_NAMES)):
         ops.resolve(spec)
+
+
+def test_auto_is_resolved_by_the_switch():
+    assert ops.resolve("auto", "cpu").spec == "torch"
+    assert ops.parse("auto", "cuda") == frozenset(ops.OP_NAMES)
+
+
+def test_triton_off_cuda_runs_in_the_interpreter():
+    op_set = ops.resolve("gelu", "cpu")
+    assert op_set.interpreted and op_set.on_triton == {"gelu"}
+    assert not ops.resolve("torch", "cpu").interpreted
 
 
 def test_model_rejects_unknown_kernels():
@@ -22,8 +54,16 @@ def test_model_rejects_unknown_kernels():
         GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=16, block_size=8, kernels="fast"))
 
 
+def test_model_takes_a_resolved_op_set_and_records_it():
+    op_set = ops.resolve("auto", "cpu")
+    config = GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=16, block_size=8, kernels="auto")
+    model = GPT(config, op_set)
+    assert model.ops is op_set and model.config.kernels == "torch" and config.kernels == "auto"
+
+
 def test_missing_kernel_is_named_not_replaced(monkeypatch):
-    monkeypatch.setitem(ops._TRITON_SOURCES, "gelu", ("kernels.no_such_gelu", ("gelu",)))
+    missing = ops.Op("gelu", ops.torch_gelu, "kernels.no_such_gelu:gelu", "")
+    monkeypatch.setattr(ops, "OPS", tuple(missing if op.name == "gelu" else op for op in ops.OPS))
     with pytest.raises(ops.KernelsError, match="'gelu' is not implemented"):
         ops.resolve("gelu")
 
@@ -31,3 +71,5 @@ def test_missing_kernel_is_named_not_replaced(monkeypatch):
 def test_partial_sets_keep_the_rest_on_torch():
     assert ops.parse(" Triton ") == frozenset(ops.OP_NAMES)
     assert ops.parse("gelu, attention") == frozenset({"gelu", "attention"})
+    op_set = ops.resolve("gelu")
+    assert op_set.attention is ops.torch_attention and op_set.spec == "gelu"
