@@ -37,7 +37,6 @@ import urllib.request
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gpt2.runtime import all_reduce_sum, autocast, init_distributed, shutdown_distributed
 from gpt2.tokenizer import encode
@@ -138,11 +137,12 @@ def render(example: dict, style: str = "completion") -> Rendered:
 def collate(rendered: list[Rendered], block_size: int, rows: int | None = None):
     """Rows of (context + ending) as next-token inputs and targets, right-padded.
 
-    Returns idx (R, T), targets (R, T) and mask (R, T), True where the target is an ending token.
-    Rows longer than block_size + 1 lose their oldest context tokens, as the harness truncates.
-    T is the longest row rounded up to PAD_MULTIPLE (at most block_size) and R is `rows` when
-    given (at least 4 per example): padding rows and columns are masked out, and a causal model's
-    logits at real positions do not depend on them.
+    Returns idx (R, T) and targets (R, T): the next token where it is an ending token, -1 elsewhere
+    (context and padding are not scored). Rows longer than block_size + 1 lose their oldest context
+    tokens, as the harness truncates. T is the longest row, and R is 4 per example, unless `rows` is
+    given: then R = rows (at least 4 per example) and T is rounded up to PAD_MULTIPLE (at most
+    block_size), so that a compiled model meets a few shapes only. A causal model's outputs at real
+    positions do not depend on the padding.
     """
     token_rows, ending_lens = [], []
     for r in rendered:
@@ -151,53 +151,52 @@ def collate(rendered: list[Rendered], block_size: int, rows: int | None = None):
                 raise ValueError(f"an ending of {len(ending)} tokens cannot be scored with block_size={block_size}")
             token_rows.append((r.context + ending)[-(block_size + 1):])
             ending_lens.append(len(ending))
-    R = rows or len(token_rows)
-    T = min(block_size, -(-max(len(t) - 1 for t in token_rows) // PAD_MULTIPLE) * PAD_MULTIPLE)
-    idx = torch.zeros((R, T), dtype=torch.long)
-    targets = torch.zeros((R, T), dtype=torch.long)
-    mask = torch.zeros((R, T), dtype=torch.bool)
+    T = max(len(t) - 1 for t in token_rows)
+    if rows is not None:
+        T = min(block_size, -(-T // PAD_MULTIPLE) * PAD_MULTIPLE)
+    idx = torch.zeros((rows or len(token_rows), T), dtype=torch.long)
+    targets = torch.full(idx.shape, -1, dtype=torch.long)
     for i, (tokens, n_end) in enumerate(zip(token_rows, ending_lens)):
         row = torch.tensor(tokens)
         n = len(tokens) - 1
         idx[i, :n] = row[:-1]
-        targets[i, :n] = row[1:]
-        mask[i, n - n_end:n] = True
-    return idx, targets, mask
+        targets[i, n - n_end:n] = row[n + 1 - n_end:]
+    return idx, targets
 
 
 @torch.no_grad()
 def loglikelihoods(model, rendered: list[Rendered], device, autocast_dtype: str = "float32",
                    rows: int | None = None) -> torch.Tensor:
-    """(len(rendered), 4) float64 on the CPU: each ending's summed log-probability given its context."""
-    config, device = _unwrap(model).config, torch.device(device)
-    idx, targets, mask = collate(rendered, config.block_size, rows)
-    idx, targets, mask = idx.to(device), targets.to(device), mask.to(device)
+    """(len(rendered), 4) float64 on the CPU: each ending's summed log-probability given its context.
+    rows: pad the batch to this many rows (see collate), for a compiled model."""
+    device = torch.device(device)
+    idx, targets = collate(rendered, _unwrap(model).config.block_size, rows)
     with autocast(device, autocast_dtype):
-        logits, _ = model(idx)                                          # (R, T, vocab)
-    # padded vocabulary ids are no tokens: they get no probability
-    logits = logits[..., : getattr(config, "real_vocab_size", logits.size(-1))]
-    token_ll = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (n_ending_tokens,)
-    row_of_token = mask.nonzero()[:, 0]
-    ll = torch.zeros(mask.size(0), device=token_ll.device).index_add_(0, row_of_token, token_ll)
-    return ll[: 4 * len(rendered)].view(len(rendered), 4).double().cpu()
+        _, token_losses = model(idx.to(device), targets.to(device), reduction="none")  # (R, T) fp32, 0 off endings
+    ll = -token_losses.double().sum(dim=1)                                              # (R,)
+    return ll[: 4 * len(rendered)].view(len(rendered), 4).cpu()
 
 
 def evaluate(model, examples: list[dict], device, style: str = "completion", batch_size: int = 16,
-             rank: int = 0, world_size: int = 1, autocast_dtype: str = "float32", progress: bool = False) -> dict:
+             rank: int = 0, world_size: int = 1, autocast_dtype: str = "float32", progress: bool = False,
+             pad: bool | None = None) -> dict:
     """HellaSwag accuracy of model on examples, rank taking examples[rank::world_size].
 
     Every rank must call it: the counts are summed over the process group when one is initialized.
-    Each forward holds 4 * batch_size rows (short batches are padded), so that with the sequence
-    padding of `collate` a compiled model meets at most block_size / PAD_MULTIPLE shapes (3 for
-    HellaSwag, whose rows have at most 166 tokens). Pass the raw or torch.compile'd model, not the
-    DDP wrapper. The model's train/eval mode is left as it is (GPT has no dropout, and a switch
-    would make torch.compile recompile the training graph).
+    Each forward scores batch_size examples (4 rows each), and only their ending tokens go through the
+    lm_head and the loss (GPT.forward with reduction="none"). pad (default: whether the model is
+    torch.compile'd) pads every batch to 4 * batch_size rows and the sequences as `collate` does, so that
+    a compiled model meets at most block_size / PAD_MULTIPLE shapes (3 for HellaSwag, whose rows have at
+    most 166 tokens). Pass the raw or torch.compile'd model, not the DDP wrapper. The model's train/eval
+    mode is left as it is (GPT has no dropout, and a switch would make torch.compile recompile the
+    training graph).
 
     Returns {"acc", "acc_norm", "n", "correct", "correct_norm"} over all ranks.
     """
     if style not in STYLES:
         raise ValueError(f"unknown HellaSwag style {style!r}: choose from {', '.join(STYLES)}")
     shard = examples[rank::world_size]
+    rows = 4 * batch_size if (pad if pad is not None else hasattr(model, "_orig_mod")) else None
     counts = torch.zeros(3, dtype=torch.long)  # n, correct, correct_norm on this rank
     bar = None
     if progress:
@@ -205,7 +204,7 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
         bar = tqdm(total=len(shard), desc=f"hellaswag ({style})", unit="ex", dynamic_ncols=True)
     for start in range(0, len(shard), batch_size):
         rendered = [render(example, style) for example in shard[start:start + batch_size]]
-        ll = loglikelihoods(model, rendered, device, autocast_dtype, rows=4 * batch_size)    # (b, 4)
+        ll = loglikelihoods(model, rendered, device, autocast_dtype, rows)                    # (b, 4)
         labels = torch.tensor([r.label for r in rendered])
         norms = torch.tensor([r.norms for r in rendered], dtype=torch.float64)            # (b, 4)
         counts[0] += len(rendered)
@@ -264,7 +263,7 @@ def run(config: EvalConfig) -> dict:
     try:
         model = load_model(config, device)
         if config.compile:
-            # static shapes: evaluate pads every batch to one of a few (rows, T) shapes
+            # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes
             model = torch.compile(model, dynamic=False)
         examples = load_examples(config.data, config.limit)
         result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,

@@ -1,8 +1,8 @@
 """GPT-2: the model, generation, Hugging Face weights in and out, and its optimizer.
 
-The hot ops (attention, LayerNorm, GELU, AdamW) come from the op set that gpt2/ops.py resolves from
-`GPTConfig.kernels`, once: a script that has resolved it already passes the op set in
-(`GPT(config, ops)`). Nothing here knows which backend runs.
+The hot ops (attention, LayerNorm, GELU, lm_head + cross-entropy, AdamW) come from the op set that
+gpt2/ops.py resolves from `GPTConfig.kernels`, once: a script that has resolved it already passes the
+op set in (`GPT(config, ops)`). Nothing here knows which backend runs.
 
 Each block is pre-norm: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residual add is carried
 into the next LayerNorm (`add_layer_norm`), so that a fused kernel reads the stream once per sublayer.
@@ -129,8 +129,20 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) int64 -> logits (B, T, vocab_size), and the mean cross-entropy if targets are given."""
+    def forward(self, idx, targets=None, reduction="mean"):
+        """idx (B, T) int64 -> (logits, loss).
+
+        Without targets: logits (B, T, vocab_size) and loss None. With targets (B, T), -1 where a position
+        is not scored: logits None -- the loss op (self.ops.cross_entropy) gets the final hidden states
+        and the lm_head weight, and whether it ever forms the full logits is its business (PyTorch's does,
+        the fused Triton op never does) -- and loss is
+          reduction "mean": the mean cross-entropy over the positions whose target is not -1, over all
+                            vocab_size logits (the training loss);
+          reduction "none": (B, T) fp32 per-token losses, 0 where the target is -1, over the real vocabulary
+                            only (config.real_vocab_size: padded ids are no tokens and get no probability),
+                            for scoring (HellaSwag). Only the scored positions go through lm_head, except
+                            under torch.compile, which keeps every position to keep the shapes static.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
@@ -140,11 +152,23 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x, pending = block(x, pending)
         _, x = add_layer_norm(self.ops, x, pending, self.transformer.ln_f)
-        logits = self.lm_head(x)                                         # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None                                 # (B, T, vocab_size)
+        if reduction == "mean":
+            return None, self.ops.cross_entropy(x, self.lm_head.weight, targets)
+        if reduction == "none":
+            return None, self._token_losses(x, targets)
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+    def _token_losses(self, x, targets):
+        """(B, T) fp32 cross-entropy of each position over the real vocabulary, 0 where targets is -1."""
+        weight = self.lm_head.weight[: self.config.real_vocab_size]      # a view: (real_vocab, C)
+        if torch.compiler.is_compiling():
+            return self.ops.cross_entropy(x, weight, targets, reduction="none")
+        scored = targets != -1                                           # (B, T); gathering syncs the host
+        losses = torch.zeros(targets.shape, dtype=torch.float32, device=x.device)
+        losses[scored] = self.ops.cross_entropy(x[scored], weight, targets[scored], reduction="none")
+        return losses
 
     # -----------------------------------------------------------------------------------------
     # sampling

@@ -59,6 +59,14 @@ def torch_gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
+def torch_linear_cross_entropy(h, weight, targets, reduction="mean"):
+    """Cross-entropy of the logits h @ weight.T (softmax in fp32) against targets; -1 is ignored.
+    h (..., C), weight (V, C), targets h.shape[:-1] -> a 0-d loss, or losses shaped like targets ("none")."""
+    logits = (h @ weight.T).float()
+    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction=reduction)
+    return losses.view(targets.shape) if reduction == "none" else losses
+
+
 # ---------------------------------------------------------------------------------------------
 # the registry: one entry per op
 
@@ -71,6 +79,8 @@ OPS = (
        "x -> GELU, tanh approximation"),
     Op("adamw", torch.optim.AdamW, "kernels.adamw:FusedAdamW",
        "an Optimizer class with torch.optim.AdamW's signature"),
+    Op("cross_entropy", torch_linear_cross_entropy, "kernels.cross_entropy:linear_cross_entropy",
+       "(h, weight, targets, reduction) -> cross-entropy of h @ weight.T, targets -1 ignored; fp32"),
 )
 OP_NAMES = tuple(op.name for op in OPS)
 _BY_NAME = {op.name: op for op in OPS}

@@ -60,7 +60,9 @@ def test_forward_and_loss_match_float64_reference():
     model = GPT(GPTConfig(**TINY))
     idx = torch.randint(0, 100, (3, 29))
     targets = torch.randint(0, 100, (3, 29))
-    logits, loss = model(idx, targets)
+    logits, no_loss = model(idx)
+    no_logits, loss = model(idx, targets)
+    assert no_loss is None and no_logits is None  # with targets the loss op alone sees the logits
     expected = reference_logits(model.state_dict(), model.config, idx)
     assert logits.shape == (3, 29, 128)
     err = (logits.double() - expected).abs().max().item()
