@@ -107,7 +107,7 @@ def default_chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
     16K rows of GPT-2 in bf16 go as 7 chunks of 2341 rows rather than 6 of 2668 and one of 376."""
     most = max(1, CHUNK_BYTES // (n_cols * dtype.itemsize))
     n_chunks = max(1, triton.cdiv(n_rows, most))
-    return triton.cdiv(n_rows, n_chunks)
+    return max(1, triton.cdiv(n_rows, n_chunks))
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:

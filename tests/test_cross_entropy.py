@@ -1,0 +1,262 @@
+"""kernels/cross_entropy.py against a float64 reference: the loss and both gradients (dh, dW), for the
+reductions mean, sum and none, at row counts and vocabulary sizes that are no multiple of the chunk or
+of the kernel's block, with ignored targets; output buffers poisoned with NaN.
+
+Criterion (test_layernorm.assert_fair): the kernel's max error against fp64 is at most twice PyTorch's
+own error in the same dtype (the unfused op: full logits, softmax in fp32), plus a small atol.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2 import GPT, GPTConfig
+from gpt2.ops import torch_linear_cross_entropy
+from kernels import cross_entropy as ce
+from kernels.cross_entropy import default_chunk_rows, linear_cross_entropy, linear_cross_entropy_ref
+from test_layernorm import assert_fair
+
+# (rows, V, C, dtype, reduction, chunk_rows): V 97 and 1000 fit one block, 5000 and 50304 take 2 and 13
+# (4096 columns each, the last one ragged); chunk_rows None is the default (one chunk at these sizes)
+CASES = [
+    (1, 97, 16, torch.float32, "mean", None),
+    (7, 1000, 32, torch.float16, "none", 3),
+    (37, 97, 64, torch.float32, "sum", 5),
+    (37, 5000, 48, torch.float16, "mean", 36),
+    (130, 1000, 24, torch.float32, "none", 37),
+    (130, 5000, 16, torch.float32, "mean", 64),
+    (37, 1000, 40, torch.bfloat16, "mean", 10),   # no tl.dot: bf16 is exact in the interpreter too
+    (9, 50304, 16, torch.float32, "mean", 4),
+]
+
+
+def make_inputs(n_rows, n_cols, width, dtype, device, ignored=0.25):
+    """h (rows, C), weight (V, C) with logits of std 2, targets with about `ignored` of them -1."""
+    h = torch.randn(n_rows, width, device=device)
+    weight = torch.randn(n_cols, width, device=device) * 2 / width**0.5
+    targets = torch.randint(0, n_cols, (n_rows,), device=device)
+    targets[torch.rand(n_rows, device=device) < ignored] = -1
+    return h.to(dtype), weight.to(dtype), targets
+
+
+def run(fn, h, weight, targets, grad, **kwargs):
+    """(loss, dh, dweight) of fn(h, weight, targets, **kwargs) for the output gradient grad."""
+    h, weight = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = fn(h, weight, targets, **kwargs)
+    loss.backward(grad.to(loss.dtype))
+    return [loss.detach(), h.grad, weight.grad]
+
+
+def output_grad(n_rows, reduction, device):
+    return torch.randn(n_rows, device=device) if reduction == "none" else torch.tensor(1.7, device=device)
+
+
+def check(n_rows, n_cols, width, dtype, reduction, chunk_rows, device, ignored=0.25):
+    h, weight, targets = make_inputs(n_rows, n_cols, width, dtype, device, ignored)
+    grad = output_grad(n_rows, reduction, device)
+    got = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=chunk_rows)
+    same = run(linear_cross_entropy_ref, h, weight, targets, grad, reduction=reduction)
+    ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
+    assert_fair(["loss", "dh", "dweight"], got, same, ref, dtype)
+    return got
+
+
+@pytest.mark.parametrize("n_rows,n_cols,width,dtype,reduction,chunk_rows", CASES)
+def test_matches_float64(n_rows, n_cols, width, dtype, reduction, chunk_rows, device, poison):
+    check(n_rows, n_cols, width, dtype, reduction, chunk_rows, device)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_target_ignored(reduction, device, poison):
+    """As PyTorch: mean is 0/0 = nan, sum and the per-token losses are 0; every gradient is 0."""
+    h, weight, targets = make_inputs(7, 300, 16, torch.float32, device, ignored=1.0)
+    grad = output_grad(7, reduction, device)
+    got = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=3)
+    want = run(linear_cross_entropy_ref, h, weight, targets, grad, reduction=reduction)
+    for name, g, w in zip(["loss", "dh", "dweight"], got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, msg=name)
+    assert not got[1].any() and not got[2].any()
+
+
+def test_chunk_boundaries(device, poison):
+    """Every chunking of the rows gives the same losses and gradients: one row a chunk, ragged, one chunk."""
+    h, weight, targets = make_inputs(37, 700, 24, torch.float32, device)
+    grad = output_grad(37, "none", device)
+    results = [run(linear_cross_entropy, h, weight, targets, grad, reduction="none", chunk_rows=rows)
+               for rows in (1, 5, 36, 37, 1000)]
+    for other in results[1:]:
+        for name, a, b in zip(["losses", "dh", "dweight"], results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_default_chunks_bound_the_logits():
+    for n_rows, n_cols, dtype in [(16384, 50304, torch.bfloat16), (65536, 50304, torch.float32), (5, 97, torch.float16)]:
+        rows = default_chunk_rows(n_rows, n_cols, dtype)
+        assert rows * n_cols * dtype.itemsize <= ce.CHUNK_BYTES
+        assert -(-n_rows // rows) * rows - n_rows < -(-n_rows // rows)  # balanced: the last chunk is nearly full
+    assert default_chunk_rows(16384, 50304, torch.bfloat16) == 2341
+
+
+def test_autocast_dtypes(device, poison):
+    """Under bf16 autocast: matmuls in bf16, softmax in fp32; dh in h's dtype, dW in W's fp32, loss fp32."""
+    h, weight, targets = make_inputs(37, 1000, 32, torch.float32, device)
+    grad = output_grad(37, "mean", device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = run(linear_cross_entropy, h, weight, targets, grad, chunk_rows=10)
+        same = run(torch_linear_cross_entropy, h, weight, targets, grad)
+    ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double())
+    assert [t.dtype for t in got] == [torch.float32] * 3
+    assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
+
+
+def test_per_token_shape_and_only_h_grad(device, poison):
+    """targets of any shape; the per-token losses come back in it. A frozen weight gets no gradient."""
+    h, weight, targets = make_inputs(2 * 3 * 5, 500, 16, torch.float32, device)
+    h, targets = h.view(2, 3, 5, 16).requires_grad_(), targets.view(2, 3, 5)
+    losses = linear_cross_entropy(h, weight, targets, reduction="none", chunk_rows=4)
+    assert losses.shape == (2, 3, 5) and losses.dtype == torch.float32
+    losses.sum().backward()
+    want = linear_cross_entropy_ref(h.detach().double(), weight.double(), targets, reduction="none")
+    torch.testing.assert_close(losses.double(), want, atol=1e-5, rtol=1e-5)
+    assert h.grad.shape == h.shape and weight.grad is None
+
+
+def test_no_grad_computes_no_gradients(device, monkeypatch):
+    """Under no_grad (validation loss) the forward writes no dz and runs no backward matmuls."""
+    h, weight, targets = make_inputs(37, 500, 16, torch.float32, device)
+    h.requires_grad_()
+    seen = []
+    sweep = ce._sweep
+    monkeypatch.setattr(ce, "_sweep", lambda *args, **kwargs: seen.append(kwargs.get("scale")) or sweep(*args, **kwargs))
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, weight, targets, chunk_rows=10)
+    assert seen == [None] and loss.grad_fn is None
+    torch.testing.assert_close(loss.double(), linear_cross_entropy_ref(h.detach().double(), weight.double(), targets))
+
+
+def test_no_rows(device):
+    h, weight, targets = make_inputs(0, 100, 8, torch.float32, device)
+    for reduction in ("mean", "sum", "none"):
+        got = linear_cross_entropy(h, weight, targets, reduction=reduction)
+        torch.testing.assert_close(got, linear_cross_entropy_ref(h, weight, targets, reduction=reduction), equal_nan=True)
+
+
+def test_compile_path_equals_eager_path(device, monkeypatch):
+    """The custom ops (the torch.compile path), run eagerly, give bitwise what the autograd.Functions give."""
+    h, weight, targets = make_inputs(37, 1000, 24, torch.float32, device)
+    for reduction in ("mean", "none"):
+        grad = output_grad(37, reduction, device)
+        eager = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=10)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            custom_op = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=10)
+        for name, a, b in zip(["loss", "dh", "dweight"], eager, custom_op):
+            assert torch.equal(a, b), f"{reduction} {name}: compile path differs from the eager path"
+
+
+def test_custom_op_registration(device):
+    """Schema and autograd registration; fake-tensor tracing is checked on the GPU (test_opcheck)."""
+    h, weight, targets = make_inputs(9, 100, 16, torch.float32, device)
+    h.requires_grad_(), weight.requires_grad_()
+    checks = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(ce._reduced_op, (h, weight, targets, -1, True, torch.float32, True, 4), test_utils=checks)
+    torch.library.opcheck(ce._per_token_op, (h, weight, targets, -1, torch.float32, 4), test_utils=checks)
+
+
+def test_tied_weights_in_a_model(device, poison):
+    """A tiny GPT with the op on Triton and on PyTorch: the same loss, and every parameter's gradient
+    agrees -- the tied wte / lm_head weight gets the sum of its embedding and its head gradients."""
+    config = dict(block_size=16, vocab_size=200, n_layer=1, n_head=2, n_embd=32, real_vocab_size=190)
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(**config, kernels="torch")).to(device)
+    fused = GPT(GPTConfig(**config, kernels="cross_entropy")).to(device)
+    fused.load_state_dict(reference.state_dict())
+    idx = torch.randint(0, 190, (3, 16), device=device)
+    targets = torch.randint(0, 190, (3, 16), device=device)
+    targets[0, :5] = -1
+    losses = []
+    for model in (reference, fused):
+        _, loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_model_token_losses(device, poison):
+    """reduction="none": per-token losses over the real vocabulary, 0 where the target is -1."""
+    config = GPTConfig(block_size=16, vocab_size=200, n_layer=1, n_head=2, n_embd=32, real_vocab_size=190,
+                       kernels="cross_entropy")
+    model = GPT(config).to(device)
+    idx = torch.randint(0, 190, (3, 16), device=device)
+    targets = torch.randint(0, 190, (3, 16), device=device)
+    targets[:, :7] = -1
+    with torch.no_grad():
+        _, losses = model(idx, targets, reduction="none")
+        logits, _ = model(idx)
+    want = F.cross_entropy(logits[..., :190].flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    assert losses.shape == (3, 16) and not losses[:, :7].any()
+    torch.testing.assert_close(losses, want.view(3, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_clear_errors(device):
+    h, weight, targets = make_inputs(4, 10, 8, torch.float32, device)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, weight, targets, reduction="avg")
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(h, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(h, weight, targets[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 at GPT-2's full size, the compile path, no host sync
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_full_size(reduction, device, poison):
+    check(4096, 50304, 768, torch.bfloat16, reduction, None, device, ignored=0.01)
+    check(4096, 50304, 768, torch.bfloat16, reduction, 1000, device, ignored=0.01)
+
+
+@pytest.mark.gpu
+def test_opcheck(device):
+    h, weight, targets = make_inputs(300, 5000, 64, torch.bfloat16, device)
+    h.requires_grad_(), weight.requires_grad_()
+    torch.library.opcheck(ce._reduced_op, (h, weight, targets, -1, True, torch.bfloat16, True, 128))
+    torch.library.opcheck(ce._per_token_op, (h, weight, targets, -1, torch.bfloat16, 128))
+    lse = ce._per_token_op(h.detach(), weight.detach(), targets, -1, torch.bfloat16, 128)[1]
+    torch.library.opcheck(ce._per_token_bwd_op, (torch.randn(300, device=device), h.detach(), weight.detach(), targets,
+                                                 lse, -1, torch.bfloat16, 128))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiles_without_graph_break(reduction, device):
+    h, weight, targets = make_inputs(1000, 50304, 256, torch.float32, device)
+    grad = output_grad(1000, reduction, device)
+
+    def head(h, weight, targets, reduction):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return linear_cross_entropy(torch.tanh(h), weight, targets, reduction=reduction)
+
+    compiled = torch.compile(head, fullgraph=True)
+    got = run(compiled, h, weight, targets, grad, reduction=reduction)
+    want = run(head, h, weight, targets, grad, reduction=reduction)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_no_host_sync(device):
+    h, weight, targets = make_inputs(2000, 50304, 768, torch.bfloat16, device)
+    for reduction in ("mean", "none"):
+        grad = output_grad(2000, reduction, device)
+        run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=600)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=600)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
