@@ -17,7 +17,8 @@ def test_smoke_pass_runs_every_benchmark():
     result = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for name in ("attention", "layernorm", "add_layernorm", "gelu", "adamw", "adamw_clip", "train"):
+    for name in ("attention", "layernorm", "add_layernorm", "gelu", "adamw", "adamw_clip", "cross_entropy",
+                 "cross_entropy_eval", "train"):
         assert f"## {name} (smoke)" in result.stdout
 
 
