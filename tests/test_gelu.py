@@ -57,6 +57,15 @@ def test_non_contiguous(device, poison):
     check(x, torch.float32)
 
 
+def test_compile_path_runs_the_same_launches(device, monkeypatch):
+    """The custom ops torch.compile traces and the eager autograd.Function share their launcher."""
+    x = torch.randn(37, 100, device=device) * 3
+    dy = torch.randn_like(x)
+    eager = run(gelu, x, dy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, run(gelu, x, dy)))
+
+
 def test_empty(device):
     x = torch.empty(0, 5, device=device, requires_grad=True)
     y = gelu(x)
