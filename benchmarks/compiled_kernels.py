@@ -6,8 +6,9 @@ torch.compile would type its arguments: registers, spills, shared memory, tensor
     python benchmarks/compiled_kernels.py --check       # exit 1 on a compile error, fp64 math or a spill
 
 No GPU is needed: Triton ships ptxas. stub_gpu runs one training step of a small GPT (every op on
-Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64) through Triton's real launch path and records each kernel it
-compiles. Each is then compiled again per target, with its float scalars typed fp64 and its integers
+Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64) through Triton's real launch path, then
+its forward and backward under torch.compile(fullgraph=True) (which must trace without a graph break),
+and records each kernel compiled. Each is then compiled again per target, with its float scalars typed fp64 and its integers
 i64, the way torch.compile's inductor hands Python scalars to user kernels: a kernel must compute the
 same fp32 math whatever width its scalars arrive in (fp64 arithmetic runs at 1/64 of the fp32 rate on
 most GPUs, and an fp64 accumulator crashed tl.dot outright). The PTX is scanned for fp64 arithmetic
@@ -42,7 +43,10 @@ _FP64_MATH = re.compile(r"^\s*(?!cvt|mov|ld|st)[a-z]+[a-z0-9.]*\.f64\b", re.MULT
 
 
 def record_step() -> list:
-    """(ASTSource, options) of every kernel one training step of a small all-Triton GPT compiles."""
+    """(ASTSource, options) of every kernel one training step of a small all-Triton GPT compiles: the
+    eager step, then forward and backward under torch.compile(fullgraph=True), which must trace every
+    op without a graph break (backend aot_eager: dynamo and AOTAutograd trace the custom ops with fake
+    tensors as inductor's would, then the graph runs eagerly; inductor itself needs a GPU)."""
     from gpt2.model import GPT, GPTConfig
     from gpt2.ops import resolve
     from gpt2.trainer import accumulate_gradients, clip_and_step
@@ -53,9 +57,11 @@ def record_step() -> list:
     model = GPT(GPTConfig(n_layer=1, n_head=12, n_embd=768, block_size=64, vocab_size=512), ops)  # GPT-2 widths
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
     tokens = torch.randint(0, 512, (2, 65))
+    batches, device = [(tokens[:, :-1], tokens[:, 1:])], torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    accumulate_gradients(model, [(tokens[:, :-1], tokens[:, 1:])], torch.device("cpu"), "bfloat16", scaler)
+    accumulate_gradients(model, batches, device, "bfloat16", scaler)
     clip_and_step(optimizer, model, 1.0, scaler)
+    accumulate_gradients(torch.compile(model, backend="aot_eager", fullgraph=True), batches, device, "bfloat16", scaler)
     unique = {}
     for src, options in stub_gpu.compiled():
         options = {key: options[key] for key in LAUNCH_OPTIONS if key in options}
@@ -155,7 +161,12 @@ def problems(row) -> list:
 
 def report(with_configs: bool) -> list:
     rows = []
-    for src, options in record_step():
+    try:
+        recorded = record_step()
+    except Exception as err:  # torch.compile could not trace the step: the finding of this run
+        return [{"kernel": "the training step", "config": "eager, then torch.compile(fullgraph=True)", "target": "",
+                 "types": "", "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}"}]
+    for src, options in recorded:
         for arch in TARGETS.values():
             if arch == 90:
                 rows.append(compile_and_inspect(src, options, arch))

@@ -1,6 +1,7 @@
 """Every kernel of a training step compiles for Hopper (sm_90) and Ampere (sm_80) with the argument types
 torch.compile gives it, does no fp64 arithmetic, and spills no registers; nor does any autotuning
-candidate. No GPU needed: benchmarks/compiled_kernels.py compiles with the ptxas Triton ships.
+candidate; and torch.compile(fullgraph=True) traces the step's forward and backward. No GPU needed:
+benchmarks/compiled_kernels.py compiles with the ptxas Triton ships.
 
 What the interpreter cannot show: the project's first GPU run crashed under torch.compile because
 inductor typed a float scalar fp64 and tl.dot refused the fp64 accumulator that followed.
