@@ -92,7 +92,7 @@ BENCHMARKS = [
             "torch.compile(math)": compiled_math_attention,
         },
         work=flops,
-        configs=[{"B": 64, "H": 12, "T": T, "D": 64} for T in (512, 1024, 2048, 4096)],
+        configs=[{"B": 64, "H": 12, "T": T, "D": 64} for T in (1024, 4096, 512, 2048)],  # the targets first
         smoke_configs=[{"B": 1, "H": 2, "T": 17, "D": 32}, {"B": 3, "H": 1, "T": 70, "D": 64}],
         baseline="torch-cudnn",
         compile_baseline=False,

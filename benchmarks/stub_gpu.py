@@ -25,7 +25,7 @@ _compiled = []  # (ASTSource, options) of every kernel compiled since install()
 
 class _Utils:
     def load_binary(self, name, kernel, shared, device):
-        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads
+        return 1, 1, 0, 0, 1024  # module and function handles (not None: loaded once), registers, spills, max threads
 
     def unload_module(self, module):
         pass
@@ -103,12 +103,9 @@ def _record_compilations() -> None:
 
 
 def _first_config_only() -> None:
-    """An autotuner would time its configs on the GPU; here each keeps its first."""
+    """An autotuner would time its configs on the GPU; here it takes the first, untimed. Its list of
+    configs stays as it is, for whoever wants to compile them all."""
     from triton.runtime.autotuner import Autotuner
 
-    def run_first(self, *args, **kwargs):
-        self.configs = self.configs[:1]
-        return _autotuner_run(self, *args, **kwargs)
-
-    _autotuner_run = Autotuner.run
-    Autotuner.run = run_first
+    Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]
+    Autotuner._bench = lambda self, *args, config, **kwargs: [0.0, 0.0, 0.0]

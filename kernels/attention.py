@@ -38,6 +38,7 @@ checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE an
 autotuned per (T rounded up to a power of two, D, causal, dtype): generation, where T grows by one
 per token, tunes once per octave of T, not once per token.
 """
+import inspect
 import math
 import os
 
@@ -58,31 +59,43 @@ _LOG2E = math.log2(math.e)
 # autotuning
 
 
-def _configs(owned, stepped, candidates, stages, interpreter_sizes):
+def _configs(owned, stepped, candidates, interpreter_sizes):
     """Autotuning configs for a kernel whose programs each own an `owned`-sized block and step over
-    the other sequence `stepped` at a time; candidates are (owned, stepped, num_warps). The stepped
-    size must divide the owned one: the causal diagonal stage steps through the owned block. The
-    interpreter gets one small config: autotuning there would only be slow, and small blocks
-    exercise the multi-block and ragged paths at the tiny T the tests use."""
+    the other sequence `stepped` at a time; candidates are (owned, stepped, num_warps, num_stages),
+    the first one the default. The stepped size must divide the owned one: the causal diagonal stage
+    steps through the owned block. GPT2_AUTOTUNE=0 keeps the default only (tests, host-path
+    benchmarks). The interpreter gets one small config: autotuning there would only be slow, and small
+    blocks exercise the multi-block and ragged paths at the tiny T the tests use."""
     if _INTERPRET:
         a, b = interpreter_sizes
         return [triton.Config({owned: a, stepped: b}, num_warps=4, num_stages=1)]
-    assert all(a % b == 0 for a, b, _ in candidates)
-    return [triton.Config({owned: a, stepped: b}, num_warps=warps, num_stages=n)
-            for a, b, warps in candidates for n in stages]
+    assert all(a % b == 0 for a, b, _, _ in candidates)
+    if os.environ.get("GPT2_AUTOTUNE", "1") == "0":
+        candidates = candidates[:1]
+    return [triton.Config({owned: a, stepped: b}, num_warps=warps, num_stages=stages)
+            for a, b, warps, stages in candidates]
 
 
 # forward and dq: a program owns BLOCK_M queries and steps over the keys BLOCK_N at a time;
-# dk/dv: a program owns BLOCK_N keys and steps over the queries BLOCK_M at a time. The candidates
-# leave out shapes that spill registers badly at D = 64 on sm_90 (ptxas -v on the compiled
-# kernels): 4 warps at 128 x 64 and up in the backward. Few configs keep the first call's tuning short.
-_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 64, 4),
-                                               (128, 64, 8), (128, 128, 8)], (3, 4), (32, 16))
-_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 32, 8),
-                                              (128, 64, 8)], (2, 3, 4), (32, 16))
-_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 4), (64, 64, 4), (128, 32, 4), (128, 32, 8),
-                                                (128, 64, 8)], (2, 3, 4), (32, 16))
-_TUNING_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]  # the autotuner adds the tensors' dtypes
+# dk/dv: a program owns BLOCK_N keys and steps over the queries BLOCK_M at a time.
+# The candidates are those that can win at D = 64 (every GPT-2 size's head dim), by their resources
+# compiled for sm_90 with the scalar types torch.compile uses (python benchmarks/compiled_kernels.py
+# --configs). Left out: tiles that spill (dk/dv 128 x 32 on 4 warps: 184 bytes a thread), tiles at the
+# 255-register cap (forward 128 x 64 and dk/dv 64 x 64 on 4 warps), 4 warps where 8 hold the same tile
+# in half the registers (dq 128 x 32: 212 against 115), and all but one pipeline depth per tile (the
+# depth changes shared memory, not registers). 14 configs instead of 42: the first call of a new length
+# bucket compiles a third as much. At D = 128 the larger tiles reach the register cap and dk/dv's spill;
+# they lose the tuning there, and the defaults (first) fit every head dim. Which one wins at D = 64 is
+# still to be timed on a GPU.
+_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 3),
+                                               (128, 64, 8, 4), (128, 128, 8, 3)], (32, 16))
+_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                       (32, 16))
+_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+                         (32, 16))
+# tuning results are kept on disk (Triton's cache), so that a restarted run does not tune again
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_AUTOTUNE = dict(key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], **_CACHE_RESULTS)  # the autotuner adds the dtypes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +134,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, 
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, **_AUTOTUNE)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,                                   # q, k, v, o: (B, H, T, D) strided; LSE: (B, H, T) fp32
@@ -236,7 +249,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, 
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, **_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA,                   # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
@@ -318,7 +331,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, **_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,                       # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32

@@ -14,10 +14,12 @@ dx = ddelta = ds + dLN/ds. The sum s is rounded to its dtype before the statisti
 `x + delta` followed by `F.layer_norm` would do, so the backward recomputes xhat from s exactly.
 
 Output dtypes: s has the promoted dtype of x and delta. y has x's (or s's) dtype, except under autocast,
-where it is written in the autocast dtype: y always feeds a matmul, which would cast it anyway. In the
-model under bf16 autocast (fp32 residual x, bf16 sublayer output delta) that is 12 bytes an element
-forward (read 4 + 2, write 4 + 2) instead of 20 (a 4-byte y, then autocast's cast kernel reading it
-and writing 2), and the backward reads a 2-byte dy instead of a cast's 4-byte one.
+where it is written in the autocast dtype: y always feeds a matmul, which would cast it anyway. The
+gradients leave in their inputs' dtypes, each written by the kernel (dx and ddelta are the same values:
+the narrower one is not a cast kernel of its own). In the model under bf16 autocast (fp32 residual x,
+bf16 sublayer output delta) that is 12 bytes an element forward (read 4 + 2, write 4 + 2) instead of
+20 (a 4-byte y, then autocast's cast reading it and writing 2), and 16 backward (read s, ds, a 2-byte
+dy; write dx, ddelta) instead of 26 (a cast of dy to 4 bytes, and of dx to ddelta).
 
 Design: one program holds a (BLOCK_M, BLOCK_N >= C) tile of whole rows in registers (kernels/rowwise.py
 picks the tile), so x is read once forward and (x, dy) once backward. dw and db are summed over rows in
@@ -72,11 +74,12 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X, DY, DS, DX, W,                    # X, DY, DS, DX: (rows, C) contiguous; W: (C,)
+    X, DY, DS, DX, DDELTA, W,            # X, DY, DS, DX, DDELTA: (rows, C) contiguous; W: (C,)
     STATS,                               # (2, rows) fp32: mean, then rstd
     PARTIAL,                             # (2, programs, C) fp32: each program's sums over its rows of dw, db
     n_rows, n_cols,
     HAS_DS: tl.constexpr,                # fused residual add: the sum's own gradient is added to dx
+    HAS_DDELTA: tl.constexpr,            # dx is also written in delta's narrower dtype, as ddelta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -104,6 +107,8 @@ def _layer_norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(DS + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DDELTA:
+            tl.store(DDELTA + offsets, dx.to(DDELTA.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
     tl.store(PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
@@ -146,41 +151,50 @@ def _forward(x, delta, weight, bias, eps, out_dtype, launch):
     return (s if has_delta else None), y, stats
 
 
-def _backward(dy, ds, x, weight, stats, launch):
-    """Returns dx and (dweight, dbias) stacked as (2, C) in weight's dtype; x is the normalized input
-    (s when fused). dbias is computed whether or not there is a bias: one more fp32 accumulator, no
-    extra traffic."""
+def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
+    """Returns dx, ddelta and (dweight, dbias) stacked as (2, C) in weight's dtype; x is the normalized
+    input (s when fused). ddelta is dx in delta_dtype, written by the kernel when that differs from
+    x's dtype (fp32 residual, bf16 sublayer output: one 2-byte write instead of a cast kernel's read
+    and write), else an empty tensor. dbias is computed whether or not there is a bias: one more fp32
+    accumulator, no extra traffic."""
     has_ds = ds is not None
     x, dy = x.contiguous(), dy.contiguous()
     ds = ds.contiguous() if has_ds else dy  # a placeholder when HAS_DS is off
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    has_ddelta = delta_dtype is not None and delta_dtype != x.dtype
+    ddelta = torch.empty(x.shape if has_ddelta else (0,), dtype=delta_dtype or x.dtype, device=x.device)
     cfg = row_config(n_cols)
     programs = persistent_programs(x.device)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
     launch(_layer_norm_bwd_kernel)[(programs,)](
-        x, dy, ds, dx, weight, stats, partial, n_rows, n_cols,
-        HAS_DS=has_ds, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        x, dy, ds, dx, ddelta if has_ddelta else dx, weight, stats, partial, n_rows, n_cols,
+        HAS_DS=has_ds, HAS_DDELTA=has_ddelta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )
-    return dx, partial.sum(1).to(weight.dtype)
+    return dx, ddelta, partial.sum(1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # autograd, shared by both paths: what is saved, and the gradients from the backward launcher
 
 
-def _save(ctx, normalized, weight, bias, stats, input_dtypes):
+def _save(ctx, normalized, weight, bias, stats, x_dtype, delta_dtype):
     ctx.save_for_backward(normalized, weight, stats)
-    ctx.has_bias, ctx.input_dtypes = bias is not None, input_dtypes
+    ctx.has_bias, ctx.x_dtype, ctx.delta_dtype = bias is not None, x_dtype, delta_dtype
 
 
 def _gradients(ctx, ds, dy, backward):
-    """[dx (, ddelta)], dweight, dbias for the inputs of the forward, from backward(dy, ds, s, w, stats)."""
+    """dx, ddelta (None without delta), dweight, dbias, from backward(dy, ds, s, weight, stats, delta_dtype)."""
     s, weight, stats = ctx.saved_tensors
-    dsum, dweight_dbias = backward(torch.zeros_like(s) if dy is None else dy, ds, s, weight, stats)
+    dsum, ddelta, dweight_dbias = backward(torch.zeros_like(s) if dy is None else dy, ds, s, weight, stats,
+                                           ctx.delta_dtype)
+    if ctx.delta_dtype is None:
+        ddelta = None
+    elif ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
+        ddelta = dsum
     dbias = dweight_dbias[1] if ctx.has_bias else None  # indexed, not unpacked: iterating a tensor is slow
-    return [dsum.to(dtype) for dtype in ctx.input_dtypes], dweight_dbias[0], dbias
+    return dsum.to(ctx.x_dtype), ddelta, dweight_dbias[0], dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,30 +216,30 @@ def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
 
 @triton_op("gpt2::layer_norm_bwd", mutates_args={})
 def _layer_norm_bwd_op(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                       stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       stats: torch.Tensor, delta_dtype: torch.dtype | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op's outputs may not alias one another, so dweight and dbias leave as one (2, C) tensor
-    return _backward(dy, ds, x, weight, stats, traced)
+    return _backward(dy, ds, x, weight, stats, delta_dtype, traced)
 
 
 def _layer_norm_op_setup(ctx, inputs, output):
     x, weight, bias, _, _ = inputs
-    _save(ctx, x, weight, bias, output[1], (x.dtype,))
+    _save(ctx, x, weight, bias, output[1], x.dtype, None)
 
 
 def _layer_norm_op_backward(ctx, dy, _dstats):
-    (dx,), dweight, dbias = _gradients(ctx, None, dy, _layer_norm_bwd_op)
+    dx, _, dweight, dbias = _gradients(ctx, None, dy, _layer_norm_bwd_op)
     return dx, dweight, dbias, None, None
 
 
 def _add_layer_norm_op_setup(ctx, inputs, output):
     x, delta, weight, bias, _, _ = inputs
     s, _, stats = output
-    _save(ctx, s, weight, bias, stats, (x.dtype, delta.dtype))
+    _save(ctx, s, weight, bias, stats, x.dtype, delta.dtype)
 
 
 def _add_layer_norm_op_backward(ctx, ds, dy, _dstats):
-    (dx, ddelta), dweight, dbias = _gradients(ctx, ds, dy, _layer_norm_bwd_op)
-    return dx, ddelta, dweight, dbias, None, None
+    return *_gradients(ctx, ds, dy, _layer_norm_bwd_op), None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_op_backward, setup_context=_layer_norm_op_setup)
@@ -236,23 +250,20 @@ _add_layer_norm_op.register_autograd(_add_layer_norm_op_backward, setup_context=
 # the eager path: an autograd.Function that launches directly
 
 
-def _backward_direct(dy, ds, x, weight, stats):
-    return _backward(dy, ds, x, weight, stats, direct)
+def _backward_direct(dy, ds, x, weight, stats, delta_dtype):
+    return _backward(dy, ds, x, weight, stats, delta_dtype, direct)
 
 
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, out_dtype):
         s, y, stats = _forward(x, delta, weight, bias, eps, out_dtype, direct)
-        input_dtypes = (x.dtype,) if delta is None else (x.dtype, delta.dtype)
-        _save(ctx, x if s is None else s, weight, bias, stats, input_dtypes)
+        _save(ctx, x if s is None else s, weight, bias, stats, x.dtype, None if delta is None else delta.dtype)
         return s, y
 
     @staticmethod
     def backward(ctx, ds, dy):
-        dinputs, dweight, dbias = _gradients(ctx, ds, dy, _backward_direct)
-        dx, ddelta = dinputs if len(dinputs) == 2 else (dinputs[0], None)
-        return dx, ddelta, dweight, dbias, None, None
+        return *_gradients(ctx, ds, dy, _backward_direct), None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import triton
 
 MAX_COLS = 16384
-TILE_ELEMENTS = 4096   # elements a program keeps per live tensor: short rows are packed BLOCK_M at a time
+TILE_ELEMENTS = 2048   # elements a program keeps per live tensor: short rows are packed BLOCK_M at a time
 MAX_WARPS = 16
 
 
@@ -39,10 +39,13 @@ def _row_config(n_cols: int) -> RowConfig:  # cached: it is on the host path of 
         raise ValueError(f"row-wise kernels take rows of at most {MAX_COLS} elements, got {n_cols}")
     block_n = triton.next_power_of_2(max(n_cols, 1))
     block_m = max(1, TILE_ELEMENTS // block_n)
-    # 16 elements a thread per live tensor. ptxas for sm_90, bf16, C = 768 (tile 4 x 1024): with 8 warps the
-    # LayerNorm forward takes 48 registers a thread and the backward 126, so 5 and 2 programs share a
-    # multiprocessor with 60 KB and 36 KB of loads in flight; 16 warps (8 elements a thread) fit fewer
-    # programs and keep less in flight (36 KB, 18 KB). Not yet timed on a GPU.
+    # 16 elements a thread per live tensor, in 2048-element tiles (2 rows of C = 768 on 4 warps). Compiled
+    # for sm_90 with the model's dtypes (benchmarks/compiled_kernels.py; C = 768, fp32 x, bf16 y): the
+    # LayerNorm forward takes 55 registers a thread, so 9 programs share a multiprocessor with 73 KB of
+    # loads in flight, and the backward 116, so 4 fit: the persistent grid's 4 per multiprocessor run in
+    # one wave. The 4096-element tile on 8 warps had 80 KB in flight forward but spilled 16 bytes a
+    # thread, and its backward (113 registers, 2 programs a multiprocessor) ran in two waves. Not yet
+    # timed on a GPU.
     num_warps = min(MAX_WARPS, max(4, block_m * block_n // 512))
     return RowConfig(block_n=block_n, block_m=block_m, num_warps=num_warps)
 

@@ -1,7 +1,7 @@
 """Test setup: the Triton interpreter on machines without CUDA, seeds, and the gpu marker.
 
-TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it when the
-kernel is defined), so it is set here, at collection time.
+TRITON_INTERPRET and GPT2_AUTOTUNE must be set before any kernel module is imported (triton.jit and
+the autotuning candidates read them when the kernel is defined), so they are set here, at collection.
 """
 import os
 import pathlib
@@ -13,6 +13,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# attention takes its default block sizes: tuning every (length, head dim, dtype) the tests meet would
+# compile each kernel a dozen times over (tests check results, benchmarks/ times them)
+os.environ.setdefault("GPT2_AUTOTUNE", "0")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

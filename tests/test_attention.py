@@ -144,6 +144,15 @@ def test_rejects_bad_shapes(device):
         flash_attention(q[..., :32], q[:, :, :4, :32], q[..., :32])
 
 
+def test_compile_path_runs_the_same_launches(device, monkeypatch):
+    """The custom ops torch.compile traces and the eager autograd.Function share their launchers."""
+    qkv, _ = model_qkv(2, 3, 70, 32, torch.float32, device)
+    do = torch.randn(2, 3, 70, 32, device=device)
+    eager = run(flash_attention, qkv, 3, do)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, run(flash_attention, qkv, 3, do)))
+
+
 def test_custom_op_registration(device):
     """Schema and autograd registration; fake-tensor tracing needs a real GPU (see test_opcheck_full)."""
     q, k, v = (torch.randn(1, 2, 17, 32, device=device, requires_grad=True) for _ in range(3))

@@ -17,9 +17,31 @@ def test_smoke_pass_runs_every_benchmark():
     result = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    for name in ("attention", "layernorm", "add_layernorm", "gelu", "adamw", "adamw_clip", "cross_entropy",
-                 "cross_entropy_eval", "train"):
+    for name in ("attention", "layernorm", "add_layernorm", "add_layernorm_model", "gelu", "adamw", "adamw_clip",
+                 "cross_entropy", "cross_entropy_eval", "train"):
         assert f"## {name} (smoke)" in result.stdout
+
+
+def test_gpu_check_smoke_runs_every_section(tmp_path):
+    """The one command a GPU slot runs first, at tiny sizes on the CPU: it must not rot between slots."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    for section in ("## tests", "## step B=16", "## kernels", "## step B=64"):
+        assert section in report
+    assert "| triton | 2 |" in report and "error" not in report.lower()
+    assert (tmp_path / "tests.log").exists()
+
+
+def test_host_overhead_smoke_times_every_op():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--smoke"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for case in ("layernorm", "add_layernorm", "gelu", "attention", "adamw step", "GPT step"):
+        assert f"| {case}" in result.stdout
 
 
 def test_smoke_catches_a_provider_that_disagrees():

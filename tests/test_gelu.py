@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import gelu as gelu_module
-from kernels.gelu import BLOCK, gelu
+from kernels.gelu import BLOCK, _gelu_op, gelu
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -58,6 +57,15 @@ def test_non_contiguous(device, poison):
     check(x, torch.float32)
 
 
+def test_compile_path_runs_the_same_launches(device, monkeypatch):
+    """The custom ops torch.compile traces and the eager autograd.Function share their launcher."""
+    x = torch.randn(37, 100, device=device) * 3
+    dy = torch.randn_like(x)
+    eager = run(gelu, x, dy)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, run(gelu, x, dy)))
+
+
 def test_empty(device):
     x = torch.empty(0, 5, device=device, requires_grad=True)
     y = gelu(x)
@@ -74,7 +82,7 @@ def test_gpu_sizes(dtype, device, poison):
 
 @pytest.mark.gpu
 def test_opcheck(device):
-    torch.library.opcheck(gelu_module._gelu_op, (torch.randn(37, 100, device=device, requires_grad=True),))
+    torch.library.opcheck(_gelu_op, (torch.randn(37, 100, device=device, requires_grad=True),))
 
 
 @pytest.mark.gpu

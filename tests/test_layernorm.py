@@ -137,6 +137,41 @@ def test_add_layer_norm_with_only_y_used(device, poison):
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
 
+def test_autocast_writes_y_in_the_matmul_dtype(device, poison):
+    """As the model runs it under bf16 autocast: fp32 residual x, bf16 sublayer output delta. The sum
+    stays fp32; y is written once in bf16 (what the next matmul reads), equal to PyTorch's fp32
+    LayerNorm rounded to bf16; its gradient arrives in bf16."""
+    x, delta, weight, bias = make_inputs((37, 768), torch.float32, device, n=2)
+    inputs = [x, delta.detach().bfloat16().requires_grad_(), weight, bias]
+    grads = [torch.randn(37, 768, device=device), torch.randn(37, 768, device=device).bfloat16()]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = run(add_layer_norm, inputs, grads)
+    ref = run(torch_add_layer_norm, as_f64(inputs), [grads[0], grads[1].double()])
+    assert [t.dtype for t in got[:4]] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
+    bf16_ulp = 2.0**-7 * ref[1].abs()  # one ulp: the GPU rounds to nearest, the Triton 3.9 interpreter truncates
+    assert ((got[1].double() - ref[1]).abs() <= bf16_ulp + 1e-6).all(), "y is not fp32 LayerNorm rounded to bf16"
+    for name, g, r in zip(["x + delta", "dx", "dweight", "dbias"], [got[0], got[2], got[4], got[5]],
+                          [ref[0], ref[2], ref[4], ref[5]]):
+        err = (g.double() - r).abs().max().item()
+        assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+def test_compile_path_runs_the_same_launches(device, monkeypatch):
+    """The custom ops torch.compile traces and the eager autograd.Function share their launchers:
+    run eagerly, both paths give the same bits, forward and every gradient."""
+    inputs = make_inputs((37, 100), torch.float32, device, n=2)
+    grads = [torch.randn(37, 100, device=device), torch.randn(37, 100, device=device)]
+    x, delta, weight, bias = inputs
+
+    def both_ops():
+        return run(add_layer_norm, inputs, grads) + run(layer_norm, [x, weight, bias], grads[1:])
+
+    eager = both_ops()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_path = both_ops()
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled_path))
+
+
 def test_no_rows(device):
     x, weight, bias = make_inputs((0, 768), torch.float32, device)
     y = layer_norm(x, weight, bias)

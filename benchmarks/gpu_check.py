@@ -1,0 +1,264 @@
+"""The GPU check: what a short GPU slot should measure first, in one command (at most 8 minutes on an H200).
+
+    python benchmarks/gpu_check.py                    # on a GPU: writes benchmarks/results/<gpu>/
+    python benchmarks/gpu_check.py --budget 300       # seconds for all sections together (default 420)
+    python benchmarks/gpu_check.py --smoke --out DIR  # on a CPU: every section at tiny sizes (CI)
+
+Sections, most important first; each runs in a child process (a crash is a finding, not the end of
+the check), a section is skipped when the time left is below its estimate, and whatever was measured
+is written, in gpu_check.md (tables) and gpu_check.json, as each section ends:
+
+  tests      the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in tests.log
+  step B=16  the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
+             triton, eager and torch.compile'd: ms, tokens/s, MFU (datasheet bf16 peak), peak memory,
+             and the seconds to the first step (compilation and autotuning included)
+  kernels    every kernel benchmark at GPT-2 124M shapes (one or two configs each, benchmarks/run.py's
+             tables and plots)
+  step B=64  the four providers again at the micro-batch of GPT-2 124M's real run
+  ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
+  restart    triton+compile and torch+compile again in a new process: the start-up with warm caches
+             (compiled kernels, tuning results), the second start of a run or a second rank
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(HERE), str(REPO)]
+
+CORE = ("torch", "torch+compile", "triton", "triton+compile")
+
+
+def sections(smoke: bool) -> list:
+    """(name, estimated seconds, most seconds, child arguments); the estimates are guesses for an H200
+    with a 16-core host, to be replaced by the first run's measured seconds."""
+    from gpt2.ops import OP_NAMES
+
+    batch = 2 if smoke else 16
+    core = ("torch", "triton") if smoke else CORE  # torch.compile cannot trace the interpreter
+    return [
+        ("tests", 90, 180, ["tests"]),
+        ("step B=16", 150, 240, ["steps", str(batch), *core]),
+        ("kernels", 60, 120, ["kernels"]),
+        ("step B=64", 120, 180, ["steps", str(batch if smoke else 64), *core]),
+        ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
+        ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the children: each measures one section and prints its result as the last line of JSON
+
+
+def run_tests(smoke: bool) -> dict:
+    env = {**os.environ, "GPT2_AUTOTUNE": "0"}
+    args = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    if smoke:
+        args.append("--collect-only")  # no GPU: check that the GPU tests are found
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    summary = (result.stdout.strip().splitlines() or [""])[-1]
+    return {"returncode": result.returncode, "summary": summary, "log": result.stdout[-20000:] + result.stderr[-5000:]}
+
+
+def run_steps(batch: int, providers: list, smoke: bool) -> list:
+    import torch
+
+    import bench_train
+    from gpt2.runtime import peak_bf16_flops
+
+    device = torch.device("cpu" if smoke else "cuda")
+    config = {"model": "tiny" if smoke else "124M", "B": batch, "T": 32 if smoke else 1024}
+    flops_per_step = bench_train.flops_per_step(config)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    rows = []
+    for provider in providers:
+        row = {"provider": provider, **config}
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step = bench_train.PROVIDERS[provider](config, device, torch.float32 if smoke else torch.bfloat16)
+            if smoke:
+                step()
+            _sync(device)
+            row["first_steps_s"] = time.perf_counter() - start  # build, compile, tune, 3 steps on a GPU
+            row["ms"] = _median_ms(step, device, 2 if smoke else 10)
+            row["tokens_per_s"] = batch * config["T"] / row["ms"] * 1e3
+            if peak:
+                row["mfu"] = flops_per_step / (row["ms"] / 1e3) / peak
+                row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except Exception as err:  # a provider that crashes is a result
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        rows.append(row)
+        step = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(step, device, n: int) -> float:
+    times = []
+    for _ in range(n):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
+    """Each kernel benchmark at its first config (attention: two, T = 1024 and 4096), tables written."""
+    import dataclasses
+
+    import torch
+
+    import harness
+    from run import discover
+
+    device = torch.device("cpu" if smoke else "cuda")
+    env = harness.environment(device)
+    ceilings = {} if smoke else harness.measure_ceilings(device)
+    names = []
+    for name, bench in discover().items():
+        if name == "train":
+            continue  # the step sections time it
+        if smoke:
+            rows = (harness.smoke_op if isinstance(bench, harness.OpBench) else harness.smoke_step)(bench, device)
+        else:
+            bench = dataclasses.replace(bench, configs=bench.configs[:2 if name == "attention" else 1])
+            rows = (harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step)(bench, device, ceilings)
+            harness.write_results(bench, rows, env, ceilings, out_dir)
+        names.append({"benchmark": name, "table": harness.markdown_table(bench, rows)})
+    return names
+
+
+def child(argv) -> None:
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    kind, out_dir = argv[0], pathlib.Path(argv[1])
+    if smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if kind == "tests":
+        result = run_tests(smoke)
+    elif kind == "steps":
+        result = run_steps(int(argv[2]), argv[3:], smoke)
+    else:
+        result = run_kernels(smoke, out_dir)
+    print("\n" + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: sections under a deadline, results written as they come
+
+
+def run_section(name, args, out_dir, smoke, timeout) -> dict:
+    command = [sys.executable, __file__, "--child", args[0], str(out_dir), *args[1:], *(["--smoke"] if smoke else [])]
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        return {"section": name, "error": f"timed out after {timeout:.0f} s",
+                "stderr": (err.stderr or b"")[-3000:].decode(errors="replace") if isinstance(err.stderr, bytes) else ""}
+    record = {"section": name, "seconds": round(time.perf_counter() - start, 1)}
+    last = (result.stdout.strip().splitlines() or [""])[-1]
+    try:
+        record["result"] = json.loads(last)
+    except json.JSONDecodeError:
+        record["error"] = f"exit code {result.returncode}"
+        record["stderr"] = result.stderr[-3000:]
+    return record
+
+
+def markdown(env: dict, records: list) -> str:
+    lines = ["# GPU check", "", *(f"- {k}: {v}" for k, v in env.items()), ""]
+    for record in records:
+        lines += [f"## {record['section']}  ({record.get('seconds', '-')} s)", ""]
+        if "error" in record or "skipped" in record:
+            lines += [f"{record.get('error') or record.get('skipped')}", "", "```", record.get("stderr", "")[-1500:], "```", ""]
+            continue
+        result = record["result"]
+        if record["section"] == "tests":
+            lines += [f"exit code {result['returncode']}: {result['summary']} (full output: tests.log)", ""]
+        elif record["section"] == "kernels":
+            for entry in result:
+                lines += [f"### {entry['benchmark']}", "", entry["table"], ""]
+        else:
+            lines += [step_table(result), ""]
+    return "\n".join(lines)
+
+
+def step_table(rows) -> str:
+    baseline = next((r["ms"] for r in rows if r["provider"] == "torch+compile" and "ms" in r), None)
+    lines = ["| provider | B | ms / step | tokens/s | MFU | peak GiB | first steps s | vs torch+compile |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | {r['B']} | **{r['error']}** | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        peak = f"{r['peak_GiB']:.1f}" if "peak_GiB" in r else ""
+        speed = f"{baseline / r['ms']:.2f}x" if baseline else ""
+        lines.append(f"| {r['provider']} | {r['B']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} | "
+                     f"{r['first_steps_s']:.1f} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        child(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter), for CI")
+    parser.add_argument("--budget", type=float, default=420, help="seconds for all sections together")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import harness
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("error: no CUDA device; on a CPU run the smoke mode: python benchmarks/gpu_check.py --smoke --out DIR",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
+    env = harness.environment(device)
+    out_dir = pathlib.Path(args.out) if args.out else harness.results_dir(env["device"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget
+    records = []
+    for name, estimate, most, child_args in sections(args.smoke):
+        left = deadline - time.perf_counter()
+        if child_args[0] == "steps" and len(child_args) == 2:  # no providers: nothing to do here
+            continue
+        if left < estimate and not args.smoke:
+            records.append({"section": name, "skipped": f"skipped: {left:.0f} s left, it takes about {estimate} s"})
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+            timeout = None if args.smoke else min(left, most)
+            records.append(run_section(name, child_args, out_dir, args.smoke, timeout))
+        if name == "tests" and "result" in records[-1]:
+            (out_dir / "tests.log").write_text(records[-1]["result"].pop("log"))
+        (out_dir / "gpu_check.json").write_text(json.dumps({"environment": env, "sections": records}, indent=1))
+        (out_dir / "gpu_check.md").write_text(markdown(env, records))
+    print((out_dir / "gpu_check.md").read_text())
+    failed = [r["section"] for r in records if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

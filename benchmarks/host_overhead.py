@@ -1,0 +1,156 @@
+"""Host time of each op's forward + backward: our Triton ops against the PyTorch ops they replace.
+
+    python benchmarks/host_overhead.py            # the table; written to benchmarks/results/cpu-host/
+    python benchmarks/host_overhead.py --smoke    # a few calls of each, nothing written (CI)
+
+An op is called hundreds of times a training step. When its host path (checks, allocations, autograd,
+Triton's launch) takes longer than its kernel's GPU time, eager training waits on the CPU: the first
+GPU run measured 300 to 500 us of CPU per call of our ops, tens of us per aten op. This measures the
+host path alone, on any machine: the tensors are tiny CPU tensors, so the PyTorch ops' own compute
+is negligible, and our kernels go through Triton's real launch path via stub_gpu (compiled for sm_90,
+never launched). What a GPU adds on both sides (the CUDA launch, the caching allocator) is not here.
+
+Each case is timed in thread CPU time (other processes on the machine do not count), PyTorch and ours
+alternating over several rounds; the table gives the median microseconds per call and ours / PyTorch.
+Target: at most 1.5 for each op. Attention's autotuner is off (GPT2_AUTOTUNE=0): nothing can be timed.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["GPT2_AUTOTUNE"] = "0"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import stub_gpu  # noqa: E402
+
+TARGET = 1.5
+
+
+def fwd_bwd(fn, *shapes, dtype=torch.float32):
+    """A call of fn on fresh leaves of these shapes, then backward of every output."""
+    leaves = [torch.randn(shape, dtype=dtype, requires_grad=True) for shape in shapes]
+
+    def call():
+        outs = fn(*leaves)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return call
+
+
+def cases():
+    """name -> (PyTorch's call, ours): each a zero-argument function doing one forward + backward."""
+    from gpt2.ops import torch_attention, torch_gelu, torch_layernorm
+    from kernels import add_layer_norm, flash_attention, gelu, layer_norm
+
+    rows, C = 8, 64
+    return {
+        "layernorm": (fwd_bwd(lambda x, w, b: torch_layernorm(x, None, w, b)[1], (rows, C), (C,), (C,)),
+                      fwd_bwd(layer_norm, (rows, C), (C,), (C,))),
+        "add_layernorm": (fwd_bwd(torch_layernorm, (rows, C), (rows, C), (C,), (C,)),
+                          fwd_bwd(add_layer_norm, (rows, C), (rows, C), (C,), (C,))),
+        "gelu": (fwd_bwd(torch_gelu, (rows, C)), fwd_bwd(gelu, (rows, C))),
+        "attention": (fwd_bwd(torch_attention, *[(1, 2, 16, 64)] * 3),
+                      fwd_bwd(flash_attention, *[(1, 2, 16, 64)] * 3)),
+        "adamw step": (optimizer_step("torch"), optimizer_step("triton")),
+        "GPT step (2 layers)": (train_step("torch"), train_step("triton")),
+    }
+
+
+def optimizer_step(kernels):
+    """Clip the grad norm and step AdamW over GPT-2's parameter shapes, shrunk."""
+    from gpt2.ops import resolve
+
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(64, 192), (192,), (64, 64), (64,)] * 2]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = resolve(kernels, "cuda").adamw(params, lr=1e-3, weight_decay=0.1)
+
+    def call():
+        if hasattr(optimizer, "clip_grad_norm_"):
+            optimizer.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    return call
+
+
+def train_step(kernels):
+    """Forward, backward, clip and optimizer step of a 2-layer GPT (B=2, T=16, C=64)."""
+    from gpt2.model import GPT, GPTConfig
+    from gpt2.ops import resolve
+    from gpt2.trainer import accumulate_gradients, clip_and_step
+
+    model = GPT(GPTConfig(n_layer=2, n_head=1, n_embd=64, block_size=16, vocab_size=128), resolve(kernels, "cuda"))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    tokens = torch.randint(0, 128, (2, 17))
+    batches, scaler, device = [(tokens[:, :-1], tokens[:, 1:])], torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu")
+
+    def call():
+        accumulate_gradients(model, batches, device, "float32", scaler)
+        clip_and_step(optimizer, model, 1.0, scaler)
+    return call
+
+
+def per_call_us(call, n: int) -> float:
+    start = time.thread_time()
+    for _ in range(n):
+        call()
+    return (time.thread_time() - start) / n * 1e6
+
+
+def measure(calls: int, rounds: int) -> list[dict]:
+    rows = []
+    for name, (theirs, ours) in cases().items():
+        theirs(), ours()  # compile and warm up
+        times = {"torch": [], "triton": []}
+        for _ in range(rounds):
+            times["torch"].append(per_call_us(theirs, calls))
+            times["triton"].append(per_call_us(ours, calls))
+        torch_us, triton_us = statistics.median(times["torch"]), statistics.median(times["triton"])
+        rows.append({"case": name, "torch_us": torch_us, "triton_us": triton_us, "ratio": triton_us / torch_us})
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| forward + backward of | PyTorch us | ours us | ours / PyTorch |", "|---|---|---|---|"]
+    for r in rows:
+        flag = "" if r["ratio"] <= TARGET or "step" in r["case"] else f" (target {TARGET})"
+        lines.append(f"| {r['case']} | {r['torch_us']:.1f} | {r['triton_us']:.1f} | {r['ratio']:.2f}{flag} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a few calls of each, nothing written")
+    parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the host path, not intra-op parallelism of tiny CPU ops
+    stub_gpu.install(90)
+    rows = measure(5 if args.smoke else args.calls, 1 if args.smoke else args.rounds)
+    table = markdown(rows)
+    print(table)
+    if not args.smoke:
+        import harness
+
+        env = harness.environment(torch.device("cpu"))
+        out = HERE / "results" / "cpu-host"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "host_overhead.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+        (out / "host_overhead.md").write_text(f"# Host time per call, ours vs PyTorch\n\n{header}\n\n{table}\n")
+        print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
