@@ -15,7 +15,7 @@ the point of the op: PyTorch holds the bf16 logits, their fp32 copy and the fp32
 """
 import torch
 
-from gpt2.ops import torch_linear_cross_entropy
+from gpt2.ops import torch_cross_entropy
 from harness import OpBench
 from kernels.cross_entropy import linear_cross_entropy
 
@@ -40,7 +40,7 @@ def one_matmul(config) -> float:
 
 
 MATMULS = {"forward": 1, "backward": 2, "full": 3}  # the logits; dh and dW
-PROVIDERS = {"triton": linear_cross_entropy, "torch": torch_linear_cross_entropy}
+PROVIDERS = {"triton": linear_cross_entropy, "torch": torch_cross_entropy}
 
 BENCHMARKS = [
     OpBench(

@@ -48,10 +48,11 @@ def fwd_bwd(fn, *shapes, dtype=torch.float32):
 
 def cases():
     """name -> (PyTorch's call, ours): each a zero-argument function doing one forward + backward."""
-    from gpt2.ops import torch_attention, torch_gelu, torch_layernorm
-    from kernels import add_layer_norm, flash_attention, gelu, layer_norm
+    from gpt2.ops import torch_attention, torch_cross_entropy, torch_gelu, torch_layernorm
+    from kernels import add_layer_norm, flash_attention, gelu, layer_norm, linear_cross_entropy
 
-    rows, C = 8, 64
+    rows, C, V = 8, 64, 256
+    targets = torch.randint(0, V, (rows,))
     return {
         "layernorm": (fwd_bwd(lambda x, w, b: torch_layernorm(x, None, w, b)[1], (rows, C), (C,), (C,)),
                       fwd_bwd(layer_norm, (rows, C), (C,), (C,))),
@@ -60,6 +61,8 @@ def cases():
         "gelu": (fwd_bwd(torch_gelu, (rows, C)), fwd_bwd(gelu, (rows, C))),
         "attention": (fwd_bwd(torch_attention, *[(1, 2, 16, 64)] * 3),
                       fwd_bwd(flash_attention, *[(1, 2, 16, 64)] * 3)),
+        "cross_entropy": (fwd_bwd(lambda h, w: torch_cross_entropy(h, w, targets), (rows, C), (V, C)),
+                          fwd_bwd(lambda h, w: linear_cross_entropy(h, w, targets), (rows, C), (V, C))),
         "adamw step": (optimizer_step("torch"), optimizer_step("triton")),
         "GPT step (2 layers)": (train_step("torch"), train_step("triton")),
     }

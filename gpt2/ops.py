@@ -59,7 +59,7 @@ def torch_gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-def torch_linear_cross_entropy(h, weight, targets, reduction="mean"):
+def torch_cross_entropy(h, weight, targets, reduction="mean"):
     """Cross-entropy of the logits h @ weight.T (softmax in fp32) against targets; -1 is ignored.
     h (..., C), weight (V, C), targets h.shape[:-1] -> a 0-d loss, or losses shaped like targets ("none")."""
     logits = (h @ weight.T).float()
@@ -79,7 +79,7 @@ OPS = (
        "x -> GELU, tanh approximation"),
     Op("adamw", torch.optim.AdamW, "kernels.adamw:FusedAdamW",
        "an Optimizer class with torch.optim.AdamW's signature"),
-    Op("cross_entropy", torch_linear_cross_entropy, "kernels.cross_entropy:linear_cross_entropy",
+    Op("cross_entropy", torch_cross_entropy, "kernels.cross_entropy:linear_cross_entropy",
        "(h, weight, targets, reduction) -> cross-entropy of h @ weight.T, targets -1 ignored; fp32"),
 )
 OP_NAMES = tuple(op.name for op in OPS)

@@ -110,9 +110,7 @@ def default_chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
     return max(1, triton.cdiv(n_rows, n_chunks))
 
 
-def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
     if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"linear_cross_entropy: weight must be (V >= 1, C={h.shape[-1]}), got {tuple(weight.shape)}")
     if targets.shape != h.shape[:-1] or targets.is_floating_point():
@@ -131,6 +129,14 @@ def _launch_rows(logits, targets, loss, lse, scale, scale_stride, ignore_index, 
         n_cols, scale_stride, ignore_index,
         HAS_LSE=has_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=max(4, min(8, block_v // 512)),
     )
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, written in place when out has the product's dtype (no temporary, no copy kernel)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _accumulate(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -162,117 +168,108 @@ def _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, 
         _launch_rows(logits, targets[rows], None if has_lse else losses[rows], lse[rows],
                      (scale[rows] if per_row else scale) if with_grads else None, int(per_row), ignore_index, launch)
         if with_grads:                                                             # logits now hold dz
-            dh[rows] = logits @ wc                                                 # (M, C)
+            _mm_into(dh[rows], logits, wc)                                         # (M, C)
             _accumulate(dw, logits.T, hc[rows])                                    # (V, C)
     return losses, lse, dh, dw
 
 
-def _reduced(h, weight, targets, ignore_index, mean, compute_dtype, with_grads, chunk_rows, launch):
-    """Reduction mean or sum: the 0-d fp32 loss, and dh, dW of that loss (empty without with_grads)."""
-    if mean:
-        n_valid = (targets != ignore_index).sum().to(torch.float32).reshape(1)   # on the device: no sync
-        scale = 1.0 / n_valid                           # all ignored: inf, but ignored rows take scale 0
-    else:
+def _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_grads, chunk_rows, launch):
+    """Returns the loss (0-d fp32; fp32 shaped like targets for "none"), the rows' lse (N,) fp32, and
+    for "mean" and "sum" with with_grads the loss's gradients dh (h's shape and dtype) and dW (W's
+    dtype), else empty tensors."""
+    _check(h, weight, targets)
+    flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    scale = None  # the gradient's scale, when the forward computes it
+    if reduction == "mean":
+        n_valid = (flat_targets != ignore_index).sum(dtype=torch.float32)  # on the device: no host sync
+        if with_grads:
+            scale = n_valid.reciprocal().reshape(1)  # all ignored: inf, but ignored rows take scale 0
+    elif reduction == "sum" and with_grads:
         scale = torch.ones(1, dtype=torch.float32, device=h.device)
-    losses, _, dh, dw = _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch,
-                               scale=scale if with_grads else None)
-    loss = losses.sum() * scale[0] if mean else losses.sum()  # all ignored with mean: 0 * inf = nan, as PyTorch
-    if not with_grads:
-        return loss, h.new_empty(0), weight.new_empty(0)
-    return loss, dh, dw.to(weight.dtype)
+    losses, lse, dh, dw = _sweep(flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows, launch,
+                                 scale=scale)
+    if reduction == "none":
+        loss = losses.view(targets.shape)
+    else:  # mean with every target ignored: 0 / 0 = nan, as PyTorch
+        loss = losses.sum() / n_valid if reduction == "mean" else losses.sum()
+    if scale is None:
+        return loss, lse, h.new_empty(0), weight.new_empty(0)
+    return loss, lse, dh.view(h.shape), dw.to(weight.dtype)
 
 
-def _per_token(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch):
-    """Reduction none: (losses, lse), each (N,) fp32."""
-    losses, lse, _, _ = _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch)
-    return losses, lse
+def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, launch):
+    """dh, dW of sum_i dlosses_i * loss_i (reduction "none"), from the forward's lse; dlosses shaped like targets."""
+    scale = dlosses.reshape(-1).to(torch.float32)
+    _, _, dh, dw = _sweep(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index, compute_dtype,
+                          chunk_rows, launch, scale=scale, lse=lse)
+    return dh.view(h.shape), dw.to(weight.dtype)
 
 
-def _per_token_backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, launch):
-    """dh, dW of sum_i dlosses_i * loss_i, from the saved lse."""
-    scale = dlosses.to(torch.float32).contiguous()
-    _, _, dh, dw = _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, scale=scale, lse=lse)
-    return dh, dw.to(weight.dtype)
+# ---------------------------------------------------------------------------------------------
+# autograd, shared by both paths: what is saved, and the gradients
+
+
+def _save(ctx, inputs, output):
+    """mean, sum: the gradients the forward computed; none: what the backward recomputes the logits from."""
+    h, weight, targets, ctx.ignore_index, ctx.reduction, ctx.compute_dtype, _, ctx.chunk_rows = inputs
+    _, lse, dh, dw = output
+    if ctx.reduction == "none":
+        ctx.save_for_backward(h, weight, targets, lse)
+    else:
+        ctx.save_for_backward(dh, dw)  # made by the forward, never modified: the backward scales copies
+
+
+def _gradients(ctx, dloss, backward):
+    """dh, dW for the loss's gradient dloss; backward(dlosses, h, weight, targets, lse, ...) for "none"."""
+    if ctx.reduction == "none":
+        return backward(dloss, *ctx.saved_tensors, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows)
+    dh, dw = ctx.saved_tensors
+    return dh * dloss, dw * dloss
 
 
 # ---------------------------------------------------------------------------------------------
 # the torch.compile path: custom ops that launch through wrap_triton
 
 
-@triton_op("gpt2::linear_cross_entropy_reduced", mutates_args={})
-def _reduced_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool,
-                compute_dtype: torch.dtype, with_grads: bool,
-                chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _reduced(h, weight, targets, ignore_index, mean, compute_dtype, with_grads, chunk_rows, traced)
+@triton_op("gpt2::linear_cross_entropy_fwd", mutates_args={})
+def _linear_cross_entropy_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             reduction: str, compute_dtype: torch.dtype, with_grads: bool, chunk_rows: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_grads, chunk_rows, traced)
 
 
-@triton_op("gpt2::linear_cross_entropy_none", mutates_args={})
-def _per_token_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  compute_dtype: torch.dtype, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _per_token(h, weight, targets, ignore_index, compute_dtype, chunk_rows, traced)
+@triton_op("gpt2::linear_cross_entropy_bwd", mutates_args={})
+def _linear_cross_entropy_bwd_op(dlosses: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 lse: torch.Tensor, ignore_index: int, compute_dtype: torch.dtype,
+                                 chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, traced)
 
 
-@triton_op("gpt2::linear_cross_entropy_none_bwd", mutates_args={})
-def _per_token_bwd_op(dlosses: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      lse: torch.Tensor, ignore_index: int, compute_dtype: torch.dtype,
-                      chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _per_token_backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, traced)
+def _op_backward(ctx, dloss, _dlse, _ddh, _ddw):
+    return *_gradients(ctx, dloss, _linear_cross_entropy_bwd_op), None, None, None, None, None, None
 
 
-def _reduced_op_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _reduced_op_backward(ctx, dloss, _ddh, _ddw):
-    dh, dw = ctx.saved_tensors
-    return dh * dloss, dw * dloss, None, None, None, None, None, None
-
-
-def _per_token_op_setup(ctx, inputs, output):
-    h, weight, targets, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows = inputs
-    ctx.save_for_backward(h, weight, targets, output[1])
-
-
-def _per_token_op_backward(ctx, dlosses, _dlse):
-    dh, dw = _per_token_bwd_op(dlosses, *ctx.saved_tensors, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows)
-    return dh, dw, None, None, None, None
-
-
-_reduced_op.register_autograd(_reduced_op_backward, setup_context=_reduced_op_setup)
-_per_token_op.register_autograd(_per_token_op_backward, setup_context=_per_token_op_setup)
+_linear_cross_entropy_op.register_autograd(_op_backward, setup_context=_save)
 
 
 # ---------------------------------------------------------------------------------------------
-# the eager path: autograd.Functions that launch directly
+# the eager path: an autograd.Function that launches directly
 
 
-class _ReducedFunction(torch.autograd.Function):
+def _backward_direct(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows):
+    return _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, direct)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, mean, compute_dtype, with_grads, chunk_rows):
-        loss, dh, dw = _reduced(h, weight, targets, ignore_index, mean, compute_dtype, with_grads, chunk_rows,
-                                direct)
-        ctx.save_for_backward(dh, dw)  # gradients of the forward, not inputs: never modified afterwards
-        return loss
+    def forward(ctx, *inputs):
+        outputs = _forward(*inputs, direct)
+        _save(ctx, inputs, outputs)
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, dloss):
-        dh, dw = ctx.saved_tensors
-        return dh * dloss, dw * dloss, None, None, None, None, None, None
-
-
-class _PerTokenFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, compute_dtype, chunk_rows):
-        losses, lse = _per_token(h, weight, targets, ignore_index, compute_dtype, chunk_rows, direct)
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows = ignore_index, compute_dtype, chunk_rows
-        return losses
-
-    @staticmethod
-    def backward(ctx, dlosses):
-        dh, dw = _per_token_backward(dlosses, *ctx.saved_tensors, ctx.ignore_index, ctx.compute_dtype,
-                                     ctx.chunk_rows, direct)
-        return dh, dw, None, None, None, None
+        return *_gradients(ctx, dloss, _backward_direct), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,24 +281,22 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """F.cross_entropy(h @ weight.T, targets, ignore_index, reduction) without the full logits; see the module
     docstring. h (..., C), weight (V, C), targets h.shape[:-1]. Returns a 0-d fp32 loss ("mean", "sum") or
     fp32 losses shaped like targets ("none"). chunk_rows: rows a chunk (default: default_chunk_rows)."""
-    _check(h, weight, targets, reduction)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     compute_dtype = autocast_dtype(h.device) or h.dtype
-    flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    chunk_rows = int(chunk_rows or default_chunk_rows(flat_h.shape[0], weight.shape[0], compute_dtype))
-    if reduction == "none":
-        args = (flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows)
-        losses = _per_token_op(*args)[0] if torch.compiler.is_compiling() else _PerTokenFunction.apply(*args)
-        return losses.view(targets.shape)
-    with_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    args = (flat_h, weight, flat_targets, ignore_index, reduction == "mean", compute_dtype, with_grads, chunk_rows)
+    chunk_rows = int(chunk_rows or default_chunk_rows(targets.numel(), weight.shape[0], compute_dtype))
+    # mean and sum compute their gradients in the forward, but only when a backward can follow
+    with_grads = reduction != "none" and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    args = (h, weight, targets, ignore_index, reduction, compute_dtype, with_grads, chunk_rows)
     if torch.compiler.is_compiling():
-        return _reduced_op(*args)[0]
-    return _ReducedFunction.apply(*args)
+        return _linear_cross_entropy_op(*args)[0]
+    return _LinearCrossEntropyFunction.apply(*args)
 
 
-def linear_cross_entropy_ref(h, weight, targets, reduction="mean", ignore_index=-1):
-    """The unfused op: the full logits, the softmax in fp32 (fp64 for fp64 inputs)."""
+def linear_cross_entropy_ref(h, weight, targets, reduction="mean", ignore_index=-1, upcast=True):
+    """The unfused op: the full logits, the softmax in fp32 (fp64 for fp64 inputs) if upcast, else in their dtype."""
     logits = h @ weight.T
-    logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
-                           reduction=reduction).view(targets.shape if reduction == "none" else ())
+    if upcast:
+        logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction=reduction)
+    return losses.view(targets.shape) if reduction == "none" else losses

@@ -40,7 +40,7 @@ def test_host_overhead_smoke_times_every_op():
     result = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--smoke"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for case in ("layernorm", "add_layernorm", "gelu", "attention", "adamw step", "GPT step"):
+    for case in ("layernorm", "add_layernorm", "gelu", "attention", "cross_entropy", "adamw step", "GPT step"):
         assert f"| {case}" in result.stdout
 
 

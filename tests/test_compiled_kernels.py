@@ -26,7 +26,8 @@ def test_every_kernel_compiles_for_gpus_without_fp64_or_spills(tmp_path):
     kernels = {r["kernel"] for r in rows}
     # every op of the registry launches at least one kernel in the step
     for expected in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_layer_norm_fwd_kernel",
-                     "_layer_norm_bwd_kernel", "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_adamw_kernel"):
+                     "_layer_norm_bwd_kernel", "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_adamw_kernel",
+                     "_cross_entropy_kernel"):
         assert expected in kernels, f"{expected} was not launched by the step"
     for kernel in kernels:
         for target in ("sm_90", "sm_80"):

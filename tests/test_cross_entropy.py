@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import GPT, GPTConfig
-from gpt2.ops import torch_linear_cross_entropy
+from gpt2.ops import torch_cross_entropy
 from kernels import cross_entropy as ce
 from kernels.cross_entropy import default_chunk_rows, linear_cross_entropy, linear_cross_entropy_ref
 from test_layernorm import assert_fair
@@ -102,7 +102,7 @@ def test_autocast_dtypes(device, poison):
     grad = output_grad(37, "mean", device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         got = run(linear_cross_entropy, h, weight, targets, grad, chunk_rows=10)
-        same = run(torch_linear_cross_entropy, h, weight, targets, grad)
+        same = run(torch_cross_entropy, h, weight, targets, grad)
     ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double())
     assert [t.dtype for t in got] == [torch.float32] * 3
     assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
@@ -140,7 +140,7 @@ def test_no_rows(device):
         torch.testing.assert_close(got, linear_cross_entropy_ref(h, weight, targets, reduction=reduction), equal_nan=True)
 
 
-def test_compile_path_equals_eager_path(device, monkeypatch):
+def test_compile_path_runs_the_same_launches(device, monkeypatch):
     """The custom ops (the torch.compile path), run eagerly, give bitwise what the autograd.Functions give."""
     h, weight, targets = make_inputs(37, 1000, 24, torch.float32, device)
     for reduction in ("mean", "none"):
@@ -158,8 +158,9 @@ def test_custom_op_registration(device):
     h, weight, targets = make_inputs(9, 100, 16, torch.float32, device)
     h.requires_grad_(), weight.requires_grad_()
     checks = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(ce._reduced_op, (h, weight, targets, -1, True, torch.float32, True, 4), test_utils=checks)
-    torch.library.opcheck(ce._per_token_op, (h, weight, targets, -1, torch.float32, 4), test_utils=checks)
+    for reduction in ("mean", "none"):
+        args = (h, weight, targets, -1, reduction, torch.float32, reduction == "mean", 4)
+        torch.library.opcheck(ce._linear_cross_entropy_op, args, test_utils=checks)
 
 
 def test_tied_weights_in_a_model(device, poison):
@@ -224,11 +225,12 @@ def test_gpu_full_size(reduction, device, poison):
 def test_opcheck(device):
     h, weight, targets = make_inputs(300, 5000, 64, torch.bfloat16, device)
     h.requires_grad_(), weight.requires_grad_()
-    torch.library.opcheck(ce._reduced_op, (h, weight, targets, -1, True, torch.bfloat16, True, 128))
-    torch.library.opcheck(ce._per_token_op, (h, weight, targets, -1, torch.bfloat16, 128))
-    lse = ce._per_token_op(h.detach(), weight.detach(), targets, -1, torch.bfloat16, 128)[1]
-    torch.library.opcheck(ce._per_token_bwd_op, (torch.randn(300, device=device), h.detach(), weight.detach(), targets,
-                                                 lse, -1, torch.bfloat16, 128))
+    for reduction in ("mean", "sum", "none"):
+        args = (h, weight, targets, -1, reduction, torch.bfloat16, reduction != "none", 128)
+        torch.library.opcheck(ce._linear_cross_entropy_op, args)
+    lse = ce._linear_cross_entropy_op(h.detach(), weight.detach(), targets, -1, "none", torch.bfloat16, False, 128)[1]
+    torch.library.opcheck(ce._linear_cross_entropy_bwd_op, (torch.randn(300, device=device), h.detach(), weight.detach(),
+                                                            targets, lse, -1, torch.bfloat16, 128))
 
 
 @pytest.mark.gpu
