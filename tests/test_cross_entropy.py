@@ -38,11 +38,12 @@ def make_inputs(n_rows, n_cols, width, dtype, device, ignored=0.25):
     return h.to(dtype), weight.to(dtype), targets
 
 
-def run(fn, h, weight, targets, grad, **kwargs):
-    """(loss, dh, dweight) of fn(h, weight, targets, **kwargs) for the output gradient grad."""
+def run(fn, h, weight, targets, grad, grad_of_sum=False, **kwargs):
+    """(loss, dh, dweight) of fn(h, weight, targets, **kwargs) for the output gradient grad, or of
+    grad * loss.sum() (the way a sum of per-token losses sends its gradient back: expanded)."""
     h, weight = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     loss = fn(h, weight, targets, **kwargs)
-    loss.backward(grad.to(loss.dtype))
+    (loss.sum() * grad if grad_of_sum else loss).backward(None if grad_of_sum else grad.to(loss.dtype))
     return [loss.detach(), h.grad, weight.grad]
 
 
@@ -108,16 +109,25 @@ def test_autocast_dtypes(device, poison):
     assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
 
 
-def test_per_token_shape_and_only_h_grad(device, poison):
-    """targets of any shape; the per-token losses come back in it. A frozen weight gets no gradient."""
-    h, weight, targets = make_inputs(2 * 3 * 5, 500, 16, torch.float32, device)
-    h, targets = h.view(2, 3, 5, 16).requires_grad_(), targets.view(2, 3, 5)
-    losses = linear_cross_entropy(h, weight, targets, reduction="none", chunk_rows=4)
-    assert losses.shape == (2, 3, 5) and losses.dtype == torch.float32
-    losses.sum().backward()
-    want = linear_cross_entropy_ref(h.detach().double(), weight.double(), targets, reduction="none")
-    torch.testing.assert_close(losses.double(), want, atol=1e-5, rtol=1e-5)
-    assert h.grad.shape == h.shape and weight.grad is None
+def test_layouts(device, poison):
+    """targets of any shape, strided (a slice of a token batch), the per-token losses back in its shape; the
+    gradient of their sum arrives expanded (stride 0); a frozen weight gets no gradient."""
+    rows, weight, tokens = make_inputs(2 * 3 * 6, 500, 16, torch.float32, device)
+    h, targets = rows.view(2, 3, 6, 16)[:, :, 1:], tokens.view(2, 3, 6)[:, :, 1:]        # (2, 3, 5), strided
+    got = run(linear_cross_entropy, h, weight, targets, torch.tensor(1.0, device=device), chunk_rows=4,
+              reduction="none", grad_of_sum=True)
+    want = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, torch.tensor(1.0, device=device),
+               reduction="none", grad_of_sum=True)
+    assert got[0].shape == (2, 3, 5) and got[0].dtype == torch.float32
+    for name, g, w in zip(["losses", "dh", "dweight"], got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
+    every_other = tokens[::2]                                                            # 1-D, stride 2
+    torch.testing.assert_close(linear_cross_entropy(rows[::2], weight, every_other, reduction="none"),
+                               linear_cross_entropy_ref(rows[::2], weight, every_other, reduction="none"))
+    frozen = weight.detach()
+    h_leaf = h.detach().requires_grad_()
+    linear_cross_entropy(h_leaf, frozen, targets, reduction="none").sum().backward()
+    assert h_leaf.grad.shape == h.shape and frozen.grad is None
 
 
 def test_no_grad_computes_no_gradients(device, monkeypatch):
