@@ -12,16 +12,20 @@ Forward, per row i with logits z = h_i W^T (V values) and target t_i:
 Backward, with p = exp(z - lse) = softmax(z) and s_i the scale of row i:
     dz_i = (p - onehot(t_i)) * s_i  (0 for ignored rows),   dh = dz W,   dW = dz^T h
     mean: s_i = g / n_valid; sum: s_i = g (g the 0-d gradient of the loss); none: s_i = g_i.
+For mean and sum, s_i = 1 in the kernel and g / n_valid (or g) multiplies dh and dW afterwards.
 
 Chunking: the rows go through in chunks of M rows, M chosen so that a chunk's logits take at most
 CHUNK_BYTES (256 MiB) in the compute dtype, balanced over the chunks (GPT-2's V = 50304 in bf16: at most
-2668 rows, so 16K rows go as 7 chunks of 2341). Per chunk: logits = h_chunk @ W^T by cuBLAS, then one Triton program per row walks
-the vocabulary in blocks of BLOCK_V with an online max / sum-exp in fp32, writes the row's loss and lse,
-and, when gradients are wanted, a second walk overwrites the logits in place with dz (the logits are
-dead by then: nothing else reads them); then dh_chunk = dz @ W and dW += dz^T h_chunk by cuBLAS.
+2668 rows, so 16K rows go as 7 chunks of 2341). Per chunk: logits = h_chunk @ W^T by cuBLAS, then one
+Triton program per row walks the vocabulary in blocks of BLOCK_V with an online max / sum-exp in fp32,
+writes the row's loss and lse, and, when gradients are wanted, a second walk overwrites the logits in
+place with dz (the logits are dead by then: nothing else reads them); then dh_chunk = dz @ W and
+dW += dz^T h_chunk by cuBLAS.
 - mean and sum compute the gradients in the forward (as Liger-Kernel's fused linear cross-entropy
-  does) whenever grad mode is on and h or W requires grad, scaled by 1/n_valid read from a device
-  tensor (no host sync); the backward only multiplies them by g.
+  does) whenever grad mode is on and h or W requires grad: those of the summed loss, whose dz and dh
+  are of order 1, so that fp16 does not underflow before a GradScaler's scale arrives in g (1/n_valid
+  first, at N = 16K rows, would push softmax probabilities of 1e-5 below fp16's smallest subnormal).
+  The backward multiplies them by g / n_valid, n_valid counted on the device (no host sync).
 - none saves h, W, targets and the per-row lse; its backward recomputes each chunk's logits and
   writes dz from the saved lse in a single walk, row i scaled by g_i.
 
@@ -174,25 +178,27 @@ def _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, 
     return losses, lse, dh, dw
 
 
+def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """0-d fp32: how many targets are not ignore_index, counted on the device (no host sync)."""
+    return (targets != ignore_index).sum(dtype=torch.float32)
+
+
 def _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_grads, chunk_rows, launch):
     """Returns the loss (0-d fp32; fp32 shaped like targets for "none"), the rows' lse (N,) fp32, and
-    for "mean" and "sum" with with_grads the loss's gradients dh (h's shape and dtype) and dW (W's
-    dtype), else empty tensors."""
+    for "mean" and "sum" with with_grads the gradients of the summed loss, dh (h's shape and dtype) and
+    dW (W's dtype), else empty tensors."""
     _check(h, weight, targets)
     flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()  # the kernel reads rows
-    scale = None  # the gradient's scale, when the forward computes it
-    if reduction == "mean":
-        n_valid = (flat_targets != ignore_index).sum(dtype=torch.float32)  # on the device: no host sync
-        if with_grads:
-            scale = n_valid.reciprocal().reshape(1)  # all ignored: inf, but ignored rows take scale 0
-    elif reduction == "sum" and with_grads:
-        scale = torch.ones(1, dtype=torch.float32, device=h.device)
+    # mean and sum: the gradients of the summed loss; the backward scales them (see the docstring)
+    scale = torch.ones(1, dtype=torch.float32, device=h.device) if with_grads and reduction != "none" else None
     losses, lse, dh, dw = _sweep(flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows, launch,
                                  scale=scale)
     if reduction == "none":
         loss = losses.view(targets.shape)
-    else:  # mean with every target ignored: 0 / 0 = nan, as PyTorch
-        loss = losses.sum() / n_valid if reduction == "mean" else losses.sum()
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:  # every target ignored: 0 / 0 = nan, as PyTorch
+        loss = losses.sum() / _count_valid(flat_targets, ignore_index)
     if scale is None:
         return loss, lse, h.new_empty(0), weight.new_empty(0)
     return loss, lse, dh.view(h.shape), dw.to(weight.dtype)
@@ -201,8 +207,9 @@ def _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_gr
 def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, launch):
     """dh, dW of sum_i dlosses_i * loss_i (reduction "none"), from the forward's lse; dlosses shaped like targets."""
     scale = dlosses.reshape(-1).to(torch.float32).contiguous()  # the gradient of a sum arrives expanded: stride 0
-    _, _, dh, dw = _sweep(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).contiguous(), ignore_index, compute_dtype,
-                          chunk_rows, launch, scale=scale, lse=lse)
+    flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
+    _, _, dh, dw = _sweep(flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows, launch,
+                          scale=scale, lse=lse)
     return dh.view(h.shape), dw.to(weight.dtype)
 
 
@@ -217,14 +224,16 @@ def _save(ctx, inputs, output):
     if ctx.reduction == "none":
         ctx.save_for_backward(h, weight, targets, lse)
     else:
-        ctx.save_for_backward(dh, dw)  # made by the forward, never modified: the backward scales copies
+        ctx.save_for_backward(dh, dw, targets)  # dh, dw: made by the forward, never modified afterwards
 
 
 def _gradients(ctx, dloss, backward):
     """dh, dW for the loss's gradient dloss; backward(dlosses, h, weight, targets, lse, ...) for "none"."""
     if ctx.reduction == "none":
         return backward(dloss, *ctx.saved_tensors, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows)
-    dh, dw = ctx.saved_tensors
+    dh, dw, targets = ctx.saved_tensors
+    if ctx.reduction == "mean":  # every target ignored: dh, dw are 0, and stay 0
+        dloss = dloss / _count_valid(targets.reshape(-1), ctx.ignore_index).clamp(min=1.0)
     return dh * dloss, dw * dloss
 
 
