@@ -1,7 +1,11 @@
-"""Test setup: the Triton interpreter on machines without CUDA, seeds, and the gpu marker.
+"""Test setup: the Triton interpreter on machines without CUDA, seeds, the gpu marker, the shared data.
 
 TRITON_INTERPRET must be set before any kernel module is imported (triton.jit reads it when the
 kernel is defined), so it is set here, at collection time.
+
+The offline data (tiktoken's GPT-2 files, tinyshakespeare, HellaSwag, a FineWeb-Edu sample) comes from
+$GPT2_TEST_DATA, by default ../shared/data beside the repository. Tests that need it skip where it is
+missing, except in CI (CI=true), where a missing folder fails them: a CI run must not pass by skipping.
 """
 import os
 import pathlib
@@ -15,7 +19,8 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = pathlib.Path(os.environ.get("GPT2_TEST_DATA") or REPO.parent / "shared" / "data").resolve()
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 if (SHARED_DATA / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken_cache"))
 
@@ -41,11 +46,19 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def need_shared_file(path: pathlib.Path) -> pathlib.Path:
+    """path (inside the shared data folder) if it exists; else a skip, or in CI a failure."""
+    if not path.exists():
+        message = f"{path} is missing: set GPT2_TEST_DATA to the shared data folder (default ../shared/data)"
+        if IN_CI:
+            pytest.fail(message + " -- CI=true, so this fails instead of skipping")
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is missing (it sits beside the repository in CI)")
-    return SHARED_DATA
+    return need_shared_file(SHARED_DATA)
 
 
 def _poisoned(allocate):
