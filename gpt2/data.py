@@ -46,6 +46,8 @@ from gpt2.shards import (
     read_consumed, read_done, read_meta, shard_name, wait_until,
 )
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
 __all__ = ["ShardLoader", "ensure_shakespeare", "prepare_shakespeare"]  # the last two for train.py
 
 
@@ -306,6 +308,11 @@ class ShardLoader:
                     "run's checkpoint, or prepare the data again"
                 )
             raise FileNotFoundError(f"shard {path} is missing")
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:  # else numpy takes it for a pickle and advises loading it "unsafely"
+            raise ValueError(f"{path} is not a token shard written by prepare_data.py (it has no .npy header): "
+                             f"move it out of {self.dir}, or prepare the data again")
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as err:
