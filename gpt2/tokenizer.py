@@ -5,6 +5,7 @@ folder that holds the cached files (this repository's CI uses ../shared/data/tik
 """
 import functools
 
+ENCODING_NAME = "gpt2"  # tiktoken's name for it, recorded in every data folder's meta.json
 EOT_TOKEN = 50256       # <|endoftext|>, which also separates documents in the token shards
 VOCAB_SIZE = 50257      # real GPT-2 vocabulary; the model pads its embedding to 50304 for speed
 
@@ -15,7 +16,7 @@ def get_encoding():
     import tiktoken
 
     try:
-        return tiktoken.get_encoding("gpt2")
+        return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:  # tiktoken raises requests/urllib errors of several kinds when offline
         raise RuntimeError(
             "could not load the GPT-2 BPE for tiktoken "
