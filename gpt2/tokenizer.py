@@ -25,6 +25,15 @@ def get_encoding():
         ) from None
 
 
+def available() -> bool:
+    """Whether the BPE loads (from tiktoken's cache, or downloaded once). Training needs none."""
+    try:
+        get_encoding()
+    except RuntimeError:
+        return False
+    return True
+
+
 def encode(text: str) -> list[int]:
     """Tokens of plain text; special-token strings in it are encoded as ordinary text."""
     return get_encoding().encode_ordinary(text)

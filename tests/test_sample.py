@@ -1,6 +1,7 @@
 """sample.py end to end on a local Hugging Face directory."""
 import sample
 from gpt2 import GPT, GPTConfig
+from gpt2.sampling import SEPARATOR
 
 
 def test_sample_prints_continuations_of_the_prompt(tmp_path, capsys):
@@ -9,8 +10,8 @@ def test_sample_prints_continuations_of_the_prompt(tmp_path, capsys):
             "--max_new_tokens", "8", "--device", "cpu", "--seed", "42"]
     assert sample.main(args) == 0
     first = capsys.readouterr().out
-    lines = [line for line in first.splitlines() if line.startswith("> ")]
-    assert len(lines) == 3 and all(line.startswith("> Hello, I'm a language model,") for line in lines)
+    samples = first.rstrip("\n").split("\n" + SEPARATOR + "\n")  # plain text, a line of dashes between
+    assert len(samples) == 3 and all(text.startswith("Hello, I'm a language model,") for text in samples)
     assert sample.main(args) == 0
     assert capsys.readouterr().out == first  # same seed, same text
 
