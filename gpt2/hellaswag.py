@@ -281,11 +281,11 @@ def run(config: EvalConfig) -> dict:
     """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary."""
     ddp, device = init_distributed(config.device)
     try:
+        examples = load_examples(config.data, config.limit)  # a bad file fails before the model loads
         model = load_model(config, device)
         if config.compile:
             # static shapes: evaluate pads every batch to one of a few (rows, T) shapes
             model = torch.compile(model, dynamic=False)
-        examples = load_examples(config.data, config.limit)
         result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,
                           ddp.world_size, config.dtype, progress=ddp.is_main)
         summary = {"acc": result["acc"], "acc_norm": result["acc_norm"], "n": result["n"],

@@ -61,6 +61,51 @@ def shared_data():
     return need_shared_file(SHARED_DATA)
 
 
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A data folder of tinyshakespeare's first tokens (the shipped ones): 1,000 val tokens, so that a
+    whole-split evaluation takes a moment, and 20,000 train tokens."""
+    from gpt2 import shards
+
+    folder = tmp_path_factory.mktemp("small_shakespeare")
+    tokens = shards.shipped_shakespeare_tokens()
+    shards.save_shard(folder / "small_val_000000.npy", tokens[:1000])
+    shards.save_shard(folder / "small_train_000001.npy", tokens[1000:21000])
+    return folder
+
+
+def need_package(name: str):
+    """The imported package; where it is missing a skip, or in CI (which installs .[dev]) a failure."""
+    try:
+        return __import__(name)
+    except ImportError:
+        if IN_CI:
+            pytest.fail(f"{name} is missing: CI installs it with .[dev]")
+        pytest.skip(f"{name} is not installed (pip install {name})")
+
+
+# imported by every subprocess started with offline_env(): no socket reaches anything
+_NO_NETWORK = """
+import socket
+
+def _offline(*args, **kwargs):
+    raise OSError("network blocked by the test (sitecustomize)")
+
+socket.socket.connect = socket.socket.connect_ex = _offline
+socket.create_connection = socket.getaddrinfo = _offline
+"""
+
+
+@pytest.fixture
+def offline_env(tmp_path_factory):
+    """Environment for a subprocess with no network at all and no GPT-2 BPE files (an empty tiktoken cache)."""
+    site = tmp_path_factory.mktemp("no_network")
+    (site / "sitecustomize.py").write_text(_NO_NETWORK)
+    empty = tmp_path_factory.mktemp("empty_tiktoken_cache")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+            "TIKTOKEN_CACHE_DIR": str(empty), "HELLASWAG_CACHE": str(empty), "HF_HUB_OFFLINE": "1"}
+
+
 def _poisoned(allocate):
     def allocate_poisoned(*args, **kwargs):
         out = allocate(*args, **kwargs)
