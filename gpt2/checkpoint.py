@@ -32,11 +32,6 @@ def checkpoints(out_dir) -> list[pathlib.Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(out_dir):
-    """The checkpoint with the highest step in out_dir, or None."""
-    return next(iter(checkpoints(out_dir)), None)
-
-
 def newest_readable_checkpoint(out_dir):
     """(path, checkpoint, [(unreadable newer path, why), ...]) of the newest checkpoint that loads, or
     None when out_dir holds no checkpoint. ValueError when it holds some and none loads."""

@@ -1,7 +1,9 @@
 """The GPT-2 BPE through tiktoken.
 
 tiktoken downloads the BPE files on first use and caches them. Offline, point TIKTOKEN_CACHE_DIR at a
-folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache).
+folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache). Training
+needs no BPE (it reads token shards, and the default data ships tokenized); preparing other text,
+sampling and HellaSwag do. The files are not shipped: only the default run's text is.
 """
 import functools
 
