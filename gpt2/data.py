@@ -285,7 +285,8 @@ class ShardLoader:
         self._mmaps.clear()
         if all_there:
             self._total = total
-        if all_there and total < self.tokens_per_step + 1:
+        # a val split smaller than one batch is still evaluated whole (whole_split_batches)
+        if all_there and self.split == "train" and total < self.tokens_per_step + 1:
             raise ValueError(self._too_small_message(total))
         if self.random_seed is not None and not all_there:
             raise ValueError(f"random sampling needs every shard of {self.dir}, but a trainer deleted some "

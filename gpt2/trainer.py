@@ -187,8 +187,20 @@ class Run:
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE
+        self._open_inputs()  # before the model: a bad data folder or HellaSwag file fails in a second
+        self._build_training()
+        self.step = 0
+        self.resumed_at, self.evaluated_at_resume = None, False
+        if cfg.resume:
+            self._resume()
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
+        self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.stop = StopRequest(announce=ddp.is_main)
+        self.tensorboard = None
 
-        # the inputs before the model: a bad data folder or HellaSwag file fails in a second
+    def _open_inputs(self):
+        """The tokenizer check, HellaSwag's examples and the data loaders."""
+        cfg, ddp = self.cfg, self.ddp
         self.can_tokenize = self._check_tokenizer()
         self.hellaswag = self._hellaswag_examples() if cfg.hellaswag_interval and self.can_tokenize else None
         self.data_dir = self._data_dir()
@@ -201,6 +213,9 @@ class Run:
         self.val_loader = ShardLoader(self.data_dir, "val", cfg.batch_size, cfg.block_size, ddp.rank,
                                       ddp.world_size) if cfg.eval_interval else None
 
+    def _build_training(self):
+        """The model (seeded), its optimizer and grad scaler, and its torch.compile and DDP wrappers."""
+        cfg, ddp, device = self.cfg, self.ddp, self.device
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32
@@ -211,15 +226,6 @@ class Run:
         self.model = torch.compile(self.raw_model) if self.compile else self.raw_model
         if ddp.enabled:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        self.step = 0
-        self.resumed_at, self.evaluated_at_resume = None, False
-        if cfg.resume:
-            self._resume()
-        self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
-        self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        self.stop = StopRequest(announce=ddp.is_main)
-        self.tensorboard = None
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
