@@ -126,7 +126,8 @@ def check_out_dir(cfg: TrainConfig) -> None:
     out_dir = pathlib.Path(cfg.out_dir)
     existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise TrainError(f"--out_dir {out_dir}: {existing} is a file, not a folder; choose another --out_dir")
+        where = "" if existing == out_dir else f": {existing}"
+        raise TrainError(f"--out_dir {out_dir}{where} is a file, not a folder; choose another --out_dir")
     try:
         tempfile.TemporaryFile(dir=existing).close()  # as root, permission bits say nothing: try it
     except OSError as err:
@@ -134,8 +135,9 @@ def check_out_dir(cfg: TrainConfig) -> None:
                          "choose a writable --out_dir") from None
     holds_run = (out_dir / LOG_FILE).exists() or checkpoints(out_dir)
     if holds_run and not (cfg.resume or cfg.overwrite):
-        found = ", ".join(f.name for f in run_files(out_dir)[:3])
-        raise TrainError(f"{out_dir} holds a run ({found}, ...): continue it with --resume, train into another "
+        files = [f.name for f in run_files(out_dir)]
+        found = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        raise TrainError(f"{out_dir} holds a run ({found}): continue it with --resume, train into another "
                          f"--out_dir, or pass --overwrite to delete its log, checkpoints and plot")
 
 

@@ -99,7 +99,7 @@ def test_bad_output_folders_are_refused_before_the_model(small_data, tmp_path):
     expect_refusal(script("train.py", *TINY, "--data", small_data, "--out_dir", a_file, "--batch_size", -3),
                    "--batch_size must be positive")
     expect_refusal(script("train.py", *TINY, "--data", small_data, "--out_dir", a_file),
-                   f"{a_file} is a file", "choose another --out_dir")
+                   f"--out_dir {a_file} is a file", "choose another --out_dir")
     # /proc takes no new files, whoever runs this (root ignores permission bits)
     expect_refusal(script("train.py", *TINY, "--data", small_data, "--out_dir", "/proc/gpt2_run"),
                    "cannot write in /proc", "writable --out_dir")
