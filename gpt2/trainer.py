@@ -148,12 +148,15 @@ def check_tensorboard(cfg: TrainConfig) -> None:
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM inside `with stop:` only sets `signum`: the loop finishes the step,
-    saves a checkpoint and exits. A second signal raises KeyboardInterrupt at once."""
+    saves a checkpoint and exits. A second signal raises KeyboardInterrupt at once, unless it comes
+    within DUPLICATE_S of the first: torchrun forwards the terminal's Ctrl-C to workers that got it
+    already (and kills them 30 s later, its shutdown timeout)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    DUPLICATE_S = 1.0
 
     def __init__(self, announce: bool):
-        self.signum, self.announce, self._previous = None, announce, {}
+        self.signum, self.announce, self._previous, self._first = None, announce, {}, 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
@@ -167,8 +170,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if time.monotonic() - self._first < self.DUPLICATE_S:
+                return
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         if self.announce:  # os.write: print() may be in the middle of a write on this thread
             os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
                         "(press Ctrl-C again to stop at once)\n".encode())
