@@ -258,3 +258,18 @@ def test_tensorboard_missing_is_one_line(small_data, tmp_path, capsys, monkeypat
     expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "out", "--tensorboard",
                  match="--tensorboard needs the tensorboard package: pip install tensorboard")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch):
+    import signal
+
+    from gpt2.trainer import StopRequest
+
+    with StopRequest(announce=False) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)   # torchrun's copy of the same Ctrl-C, a moment later
+        assert stop.signum == signal.SIGINT
+        monkeypatch.setattr(StopRequest, "DUPLICATE_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
