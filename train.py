@@ -1,15 +1,23 @@
 """Train GPT-2: one device with `python train.py`, or DDP with torchrun.
 
-    python train.py                                  # shakespeare preset: a small GPT, a few minutes on a CPU
+    python train.py                                  # shakespeare preset: a small GPT on a CPU, no network needed
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu
-    python train.py --preset gpt2-124m --data DIR --resume          # continue from the newest checkpoint
+    python train.py --preset gpt2-124m --data DIR --resume          # continue the run in --out_dir
+    python train.py --overwrite                                      # start over in an --out_dir that holds a run
     python train.py --kernels=attention,gelu                         # some ops on Triton, the rest on PyTorch
 
-Every flag overrides its preset's value (gpt2/trainer.py: PRESETS and TrainConfig). Writes
-<out_dir>/log.jsonl (a JSON object per step and evaluation), <out_dir>/loss.png and
-<out_dir>/ckpt_<step>.pt. With the shakespeare preset (200 steps, about 3 minutes on a 2-core CPU)
-expect the validation loss to fall from 10.8 to about 6.2, and samples in Shakespeare's shape
-(speaker names, short lines) at the end.
+Every flag is a field of TrainConfig (gpt2/config.py) and overrides its preset's value. Writes
+<out_dir>/log.jsonl (the run's description, then a JSON object per step and evaluation), <out_dir>/loss.png,
+<out_dir>/ckpt_<step>.pt and, with --tensorboard, <out_dir>/tensorboard/. An --out_dir that holds a run is
+refused unless --resume or --overwrite says what to do with it. Ctrl-C saves a checkpoint at the end of the
+step and exits with 130; --resume continues from it.
+
+The shakespeare preset trains a 4-layer GPT (7.2M parameters, most of them the embedding) for 200 steps of
+512 tokens taken at random positions of the tinyshakespeare shipped with the package, and evaluates the
+whole val split (33,803 tokens) every 50 steps. Measured with `python train.py` (torch 2.13 CPU, float32,
+a 2-core CPU): val loss 10.83 at step 0, 6.57 at 50, 6.27 at 100, 6.09 at 150 and 5.99 (5.9861) at step
+200, then samples in Shakespeare's shape (speaker names, short lines). The run took 18 minutes on that CPU
+while other jobs loaded it (load average 4 to 5); an idle one is faster.
 """
 import argparse
 import sys
