@@ -48,6 +48,18 @@ def test_first_run_needs_no_network_and_no_bpe(tmp_path, offline_env):
     assert (tmp_path / "out" / "ckpt_000002.pt").exists() and len(losses(tmp_path / "out")) == 2
 
 
+# -- item 3: --kernels=triton on a machine without a GPU ------------------------------------------
+
+def test_triton_kernels_without_a_gpu_run_in_the_interpreter_and_say_so(small_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = script("train.py", *TINY, "--data", small_data, "--out_dir", tmp_path / "out", "--max_steps", 1,
+                    "--n_layer", 1, "--kernels", "triton", env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    header = [line for line in result.stdout.splitlines() if line.startswith("kernels=")]
+    assert header == [header[0]] and "kernels=triton (in the Triton interpreter" in header[0], result.stdout
+
+
 # -- item 1: a second run into a folder that holds one --------------------------------------------
 
 def test_a_second_run_into_the_same_folder_is_refused(small_data, tmp_path):
