@@ -1,8 +1,11 @@
 """Text -> GPT-2 token shards for train.py (the work is done by gpt2/shards.py).
 
-    # tinyshakespeare (downloaded from karpathy/char-rnn unless --input is given), 90 % train / 10 % val:
-    python prepare_data.py shakespeare --out data/shakespeare [--input tinyshakespeare.txt]
+    # tinyshakespeare, 90 % train / 10 % val, from the copy shipped in gpt2/assets (no network, no BPE):
+    python prepare_data.py shakespeare --out data/shakespeare
     # -> shakespeare_val_000000.npy (33,803 tokens) and shakespeare_train_000001.npy (304,223 tokens)
+    # ... or any other text, split the same way, from a file or downloaded (these need the GPT-2 BPE):
+    python prepare_data.py shakespeare --out data/mine --input my_text.txt
+    python prepare_data.py shakespeare --out data/mine --url https://example.com/text.txt
 
     # FineWeb-Edu sample-10BT streamed from the Hugging Face hub (pip install -e .[data]):
     # about 10B tokens in about 100 shards of 1e8 tokens (200 MB each); the first shard is val
@@ -23,16 +26,19 @@ import argparse
 import os
 import sys
 
-from gpt2.shards import FINEWEB_CONFIG, FINEWEB_DATASET, prepare_fineweb, prepare_shakespeare
+from gpt2.shards import FINEWEB_CONFIG, FINEWEB_DATASET, SHAKESPEARE_URL, prepare_fineweb, prepare_shakespeare
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
 
-    shakespeare = sub.add_parser("shakespeare", help="tinyshakespeare, 90 %% train / 10 %% val")
+    shakespeare = sub.add_parser("shakespeare", help="tinyshakespeare (or one other text), 90 %% train / 10 %% val")
     shakespeare.add_argument("--out", required=True, help="output folder")
-    shakespeare.add_argument("--input", default=None, help="local copy of tinyshakespeare (else downloaded)")
+    text = shakespeare.add_mutually_exclusive_group()
+    text.add_argument("--input", default=None, help="a local text file instead of the shipped tinyshakespeare")
+    text.add_argument("--url", default=None, help=f"download the text from here instead (the shipped copy is "
+                                                  f"{SHAKESPEARE_URL})")
 
     fineweb = sub.add_parser("fineweb", help="FineWeb-Edu from the hub, or local text files")
     fineweb.add_argument("--out", required=True, help="output folder")
@@ -55,7 +61,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         if args.dataset == "shakespeare":
-            done = prepare_shakespeare(args.out, args.input)
+            done = prepare_shakespeare(args.out, args.input, args.url)
         else:
             done = prepare_fineweb(
                 args.out, inputs=args.input, dataset=args.dataset, config=args.name, shard_size=args.shard_size,

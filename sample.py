@@ -6,7 +6,9 @@
     python sample.py --init_from path/to/hf_dir --device cpu
 
 With GPT-2 124M and --seed 42 expect five different, fluent continuations; a model trained for a few
-minutes on tinyshakespeare gives Shakespeare-shaped gibberish.
+minutes on tinyshakespeare gives Shakespeare-shaped gibberish. The samples print as plain text, a line
+of dashes between them. --top_k 0 samples from every token (no top-k); a prompt longer than the model's
+block_size is cropped to its last block_size tokens, with a warning.
 """
 import argparse
 import sys
@@ -14,7 +16,7 @@ import sys
 from gpt2 import GPT
 from gpt2.ops import KernelsError
 from gpt2.runtime import pick_device
-from gpt2.sampling import sample_text
+from gpt2.sampling import check_sampling_args, format_samples, sample_text
 
 
 def load(args, device) -> GPT:
@@ -32,15 +34,16 @@ def main(argv=None) -> int:
     source.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
     parser.add_argument("--prompt", default="Hello, I'm a language model,")
     parser.add_argument("--num_samples", type=int, default=5)
-    parser.add_argument("--max_new_tokens", type=int, default=30)
-    parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=30, help="tokens to add to the prompt (at least 1)")
+    parser.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens; 0: among all")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: always the likeliest token")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--kernels", default="torch", help="torch | triton | a comma list of ops (see gpt2/ops.py)")
     args = parser.parse_args(argv)
     try:
+        check_sampling_args(args.num_samples, args.max_new_tokens, args.top_k, args.temperature)  # before loading
         device = pick_device(args.device)
         model = load(args, device)
         texts = sample_text(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
@@ -48,8 +51,7 @@ def main(argv=None) -> int:
     except (KernelsError, ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for text in texts:
-        print(f"> {text}")
+    print(format_samples(texts))
     return 0
 
 

@@ -1,46 +1,36 @@
 """Train GPT-2: one device with `python train.py`, or DDP with torchrun.
 
-    python train.py                                  # shakespeare preset: a small GPT, a few minutes on a CPU
+    python train.py                                  # shakespeare preset: a small GPT on a CPU, no network needed
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu
-    python train.py --preset gpt2-124m --data DIR --resume          # continue from the newest checkpoint
+    python train.py --preset gpt2-124m --data DIR --resume          # continue the run in --out_dir
+    python train.py --overwrite                                      # start over in an --out_dir that holds a run
     python train.py --kernels=attention,gelu                         # some ops on Triton, the rest on PyTorch
 
-Every flag overrides its preset's value (gpt2/trainer.py: PRESETS and TrainConfig). Writes
-<out_dir>/log.jsonl (a JSON object per step and evaluation), <out_dir>/loss.png and
-<out_dir>/ckpt_<step>.pt. With the shakespeare preset (200 steps, about 3 minutes on a 2-core CPU)
-expect the validation loss to fall from 10.8 to about 6.2, and samples in Shakespeare's shape
-(speaker names, short lines) at the end.
+Every flag is a field of TrainConfig (gpt2/config.py) and overrides its preset's value. Writes
+<out_dir>/log.jsonl (the run's description, then a JSON object per step and evaluation), <out_dir>/loss.png,
+<out_dir>/ckpt_<step>.pt and, with --tensorboard, <out_dir>/tensorboard/. An --out_dir that holds a run is
+refused unless --resume or --overwrite says what to do with it. Ctrl-C saves a checkpoint at the end of the
+step and exits with 130; --resume continues from it.
+
+The shakespeare preset trains a 4-layer GPT (7.2M parameters, most of them the embedding) for 200 steps of
+512 tokens taken at random positions of the tinyshakespeare shipped with the package, and evaluates the
+whole val split (33,803 tokens) every 50 steps. Measured with `python train.py` (torch 2.13 CPU, float32,
+a 2-core CPU): val loss 10.83 at step 0, 6.57 at 50, 6.27 at 100, 6.09 at 150 and 5.99 (5.9861) at step
+200, then samples in Shakespeare's shape (speaker names, short lines). The run took 18 minutes on that CPU
+while other jobs loaded it (load average 4 to 5); an idle one is faster.
 """
 import argparse
 import sys
 
+from gpt2.config import add_flags
 from gpt2.ops import KernelsError
 from gpt2.runtime import init_distributed, shutdown_distributed
-from gpt2.trainer import PRESETS, TrainConfig, TrainError, make_config, train
+from gpt2.trainer import Interrupted, TrainConfig, TrainError, make_config, train
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="shakespeare", choices=list(PRESETS))
-    parser.add_argument("--data", help="folder of token shards (default for shakespeare: prepared in data/)")
-    parser.add_argument("--out_dir", help="logs, plot and checkpoints (default out)")
-    parser.add_argument("--kernels", help="auto (triton on CUDA, torch elsewhere) | torch | triton | op,op,...")
-    parser.add_argument("--device", help="auto | cuda | cpu | mps")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                        help="autocast dtype (default bfloat16 on CUDA, float32 elsewhere)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on for CUDA)")
-    parser.add_argument("--init_from", help="fine-tune from HF weights: gpt2 | gpt2-medium | ... | a local dir")
-    for name, kind in [("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
-                       ("batch_size", int), ("total_batch_size", int), ("max_steps", int),
-                       ("warmup_steps", int), ("learning_rate", float), ("min_lr_ratio", float),
-                       ("weight_decay", float), ("grad_clip", float), ("seed", int), ("eval_interval", int),
-                       ("eval_steps", int), ("hellaswag_interval", int), ("hellaswag_limit", int),
-                       ("hellaswag_data", str), ("sample_interval", int), ("checkpoint_interval", int)]:
-        parser.add_argument(f"--{name}", type=kind, help=f"default: the preset's {name}; 0 turns an interval off")
-    parser.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
-    parser.add_argument("--delete_consumed_shards", action="store_true", default=None,
-                        help="delete each train shard once every rank is done with it (with a streaming prepare_data.py)")
+    add_flags(parser)  # one flag per TrainConfig field, its help from the field
     args = vars(parser.parse_args(argv))
     return make_config(args.pop("preset"), **args)
 
@@ -53,11 +43,15 @@ def main(argv=None) -> int:
             train(cfg, ddp, device)
         finally:
             shutdown_distributed()
+    except Interrupted as stop:  # Ctrl-C: a checkpoint was saved at the end of the step
+        if str(stop):
+            print(stop, file=sys.stderr)
+        return stop.exit_code
     except (TrainError, KernelsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted: resume from the last checkpoint with --resume", file=sys.stderr)
         return 130
     return 0
 

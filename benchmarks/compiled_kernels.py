@@ -27,7 +27,6 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -195,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if any kernel has a problem")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, before a kernel module is imported
     rows = report(args.configs)
     print(markdown(rows))
     if args.json:

@@ -24,8 +24,6 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["GPT2_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -137,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # Triton's real launch path, before a kernel module is imported
+    os.environ["GPT2_AUTOTUNE"] = "0"
     torch.set_num_threads(1)  # the host path, not intra-op parallelism of tiny CPU ops
     stub_gpu.install(90)
     rows = measure(5 if args.smoke else args.calls, 1 if args.smoke else args.rounds)

@@ -2,20 +2,24 @@
 
 <out_dir>/ckpt_<step:06d>.pt holds the model (plain module keys, never torch.compile's `_orig_mod.` or
 DDP's `module.` prefixes), the optimizer, every rank's loader position, the step, RNG states and the
-resolved training config. It is written to a temporary name and renamed, so a run killed while saving
-(even by kill -9) leaves the previous checkpoint intact and never a half-written one.
+resolved training config, and whether the step's evaluations were done before it was saved
+(`periodic_done`: a checkpoint saved on Ctrl-C comes before them). It is written to a temporary name
+and renamed, so a run killed while saving (even by kill -9) leaves the previous checkpoint intact and
+never a half-written one; remove_stale_tmp_files clears what such a kill leaves. A checkpoint damaged
+anyway (a full disk, a copy cut short) is passed over by newest_readable_checkpoint.
 """
 import dataclasses
-import os
 import pathlib
 import re
 
 import torch
 
+from gpt2.files import remove_stale_tmp_files, write_atomic
 from gpt2.model import GPT, GPTConfig
 from gpt2.ops import resolve
 
 SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+REQUIRED_KEYS = ("model", "model_config", "optimizer", "step", "loader_states", "rng")
 _NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 
 
@@ -23,11 +27,30 @@ def checkpoint_path(out_dir, step: int) -> pathlib.Path:
     return pathlib.Path(out_dir) / f"ckpt_{step:06d}.pt"
 
 
-def latest_checkpoint(out_dir):
-    """The checkpoint with the highest step in out_dir, or None."""
-    folder = pathlib.Path(out_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("ckpt_*.pt") if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+def checkpoints(out_dir) -> list[pathlib.Path]:
+    """The checkpoints in out_dir, newest (highest step) first."""
+    found = [(int(m.group(1)), p) for p in pathlib.Path(out_dir).glob("ckpt_*.pt") if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_readable_checkpoint(out_dir):
+    """(path, checkpoint, [(unreadable newer path, why), ...]) of the newest checkpoint that loads, or
+    None when out_dir holds no checkpoint. ValueError when it holds some and none loads."""
+    skipped = []
+    for path in checkpoints(out_dir):
+        try:
+            return path, load_checkpoint(path), skipped
+        except ValueError as err:
+            skipped.append((path, str(err)))
+    if skipped:
+        raise ValueError(f"no checkpoint in {out_dir} is readable ({skipped[0][1]}, ...): start over with "
+                         "--overwrite, or use another --out_dir")
+    return None
+
+
+def remove_stale_tmp_checkpoints(out_dir) -> list:
+    """The temporary files of saves that were killed (their process is gone)."""
+    return remove_stale_tmp_files(out_dir, ".ckpt_*.pt.tmp*")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -37,7 +60,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(path, *, model, optimizer, step: int, loader_states: list, train_config: dict,
-                    scaler=None) -> None:
+                    scaler=None, periodic_done: bool = True) -> None:
     state = {
         "model": unwrap(model).state_dict(),
         "model_config": dataclasses.asdict(unwrap(model).config),
@@ -46,13 +69,11 @@ def save_checkpoint(path, *, model, optimizer, step: int, loader_states: list, t
         "step": step,
         "loader_states": loader_states,
         "train_config": train_config,
+        "periodic_done": periodic_done,
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path) -> dict:
@@ -60,9 +81,13 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
+    return checkpoint
 
 
 def check_same_shape(checkpoint: dict, config: GPTConfig, path) -> None:

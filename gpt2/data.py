@@ -10,6 +10,14 @@ ranks read disjoint tokens and together cover every token of an epoch once (the 
 of an epoch is dropped). A step may span shards. Shards are read through np.load(mmap_mode="r"), so
 memory stays flat whatever their size.
 
+Random windows (random_seed=S, train.py --sampling random, for small data): each row of a batch is
+the T + 1 tokens at a random position of the split, drawn from a stream of positions seeded by S; the
+rows of a step are the same for any number of ranks, and the state (the rows drawn so far) resumes the
+stream exactly. Without it a small dataset's first epoch sees its text in order, one part per stretch.
+
+Validation over the whole split: whole_split_batches() yields every token once (the last window
+short, missing targets -1), so a validation loss over it is a deterministic, token-weighted mean.
+
 Epochs: over a complete folder (the producer's DONE marker is there, or the folder holds shards made
 elsewhere without meta.json) the loader cycles, optionally shuffling the shard order of each epoch
 with `shuffle_seed`. While prepare_data.py is still writing (meta.json but no DONE), the loader waits
@@ -46,6 +54,9 @@ from gpt2.shards import (
     read_consumed, read_done, read_meta, shard_name, wait_until,
 )
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+RANDOM_BLOCK = 4096        # random window starts drawn per generator
+
 __all__ = ["ShardLoader", "ensure_shakespeare", "prepare_shakespeare"]  # the last two for train.py
 
 
@@ -54,12 +65,14 @@ class ShardLoader:
 
     data_dir: a folder written by prepare_data.py (or any folder of *_{split}_*.npy uint16 shards).
     shuffle_seed: None keeps the shard order; an int shuffles it per epoch (needs a finished folder).
+    random_seed: None reads the stream in order; an int samples windows at random positions instead
+        (see the module docstring; needs a finished folder).
     delete_consumed: one pass over a train split whose finished shards rank 0 deletes on request.
     warn_after: seconds of waiting for prepare_data.py before a message says so.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, *,
-                 shuffle_seed=None, delete_consumed=False, warn_after=60.0):
+                 shuffle_seed=None, random_seed=None, delete_consumed=False, warn_after=60.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -68,6 +81,9 @@ class ShardLoader:
         self.split, self.B, self.T = split, batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.shuffle_seed, self.delete_consumed, self.warn_after = shuffle_seed, delete_consumed, warn_after
+        self.random_seed = random_seed
+        self._total = None      # tokens in the split, once known
+        self._starts_block, self._starts = None, None  # the random window starts drawn last
         if not self.dir.is_dir():
             raise FileNotFoundError(
                 f"data folder {self.dir} does not exist: make it with prepare_data.py "
@@ -91,9 +107,12 @@ class ShardLoader:
     def reset(self) -> None:
         """Back to the first token of epoch 0 (for validation: the same batches at every eval)."""
         self._set_position(epoch=0, k=0, offset=0)
+        self.rows = 0  # random windows drawn so far, all ranks together
 
     def next_batch(self):
         """(x, y) int64 (B, T) tensors. StopIteration only at the end of a delete_consumed pass."""
+        if self.random_seed is not None:
+            return self._random_batch()
         step = self.tokens_per_step
         if self._locate(self.k, self.offset, step + 1) is None:
             at_start = self.k == 0 and self.offset == 0
@@ -119,7 +138,39 @@ class ShardLoader:
     def __next__(self):
         return self.next_batch()
 
+    def num_tokens(self) -> int:
+        """Tokens in the split (waiting, in a folder still being written, for its shards to come)."""
+        if self._total is None:
+            total, k = 0, 0
+            while (length := self._length(k)) is not None:
+                total, k = total + length, k + 1
+            self._total = total
+        return self._total
+
+    def whole_split_batches(self):
+        """Every token of the split once, for a validation loss that is the same at every evaluation.
+
+        The split is cut into windows of T inputs (the last one shorter), rank r taking windows r,
+        r + world_size, ...; each yielded (x, y) is (B, T) with the targets of missing tokens set to -1,
+        which the loss ignores. Every rank yields the same number of batches.
+        """
+        n = self.num_tokens()
+        windows = -(-(n - 1) // self.T)
+        per_rank = -(-windows // self.world_size)
+        for first in range(0, per_rank, self.B):
+            x = torch.zeros((self.B, self.T), dtype=torch.long)   # (B, T)
+            y = torch.full((self.B, self.T), -1, dtype=torch.long)  # (B, T)
+            for row, j in enumerate(range(first, min(first + self.B, per_rank))):
+                start = (j * self.world_size + self.rank) * self.T
+                if start >= n - 1:
+                    break
+                tokens = torch.from_numpy(self._read_at(start, min(self.T + 1, n - start)))
+                x[row, :len(tokens) - 1], y[row, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+            yield x, y
+
     def state_dict(self) -> dict:
+        if self.random_seed is not None:
+            return {"split": self.split, "random_seed": self.random_seed, "rows": self.rows}
         return {
             "split": self.split, "epoch": self.epoch, "shard": self.k, "offset": self.offset,
             "shard_name": self._name_at(self.k), "shuffle_seed": self.shuffle_seed,
@@ -127,10 +178,13 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at the exact token. Batch size and world size may differ from the saved run's."""
-        for key in ("split", "shuffle_seed"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]!r}, "
-                                 f"this loader has {getattr(self, key)!r}")
+        for key in ("split", "shuffle_seed", "random_seed"):  # older states have no random_seed: None
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this loader has "
+                                 f"{getattr(self, key)!r} (train.py: resume with that run's --sampling and --seed)")
+        if self.random_seed is not None:
+            self.rows = state["rows"]
+            return
         self._set_position(state["epoch"], state["shard"], state["offset"])
         name = self._name_at(self.k)
         if state["shard_name"] is not None and name is not None and name != state["shard_name"]:
@@ -188,11 +242,13 @@ class ShardLoader:
             )
 
     def _check_options(self) -> None:
-        if self.shuffle_seed is not None and not self._complete:
+        if (self.shuffle_seed is not None or self.random_seed is not None) and not self._complete:
             raise ValueError(
-                f"shuffling needs every shard, but prepare_data.py has not finished {self.dir} (no DONE "
-                "marker): wait for it, or train without shuffling"
+                f"shuffling and random sampling need every shard, but prepare_data.py has not finished {self.dir} "
+                "(no DONE marker): wait for it, or train with sequential sampling"
             )
+        if self.random_seed is not None and (self.delete_consumed or self.shuffle_seed is not None):
+            raise ValueError("random sampling reads the whole split: it shuffles no shards and deletes none")
         if not self.delete_consumed:
             return
         if self.split != "train":
@@ -227,8 +283,14 @@ class ShardLoader:
                 continue
             total += len(self._open(name))
         self._mmaps.clear()
-        if all_there and total < self.tokens_per_step + 1:
+        if all_there:
+            self._total = total
+        # a val split smaller than one batch is still evaluated whole (whole_split_batches)
+        if all_there and self.split == "train" and total < self.tokens_per_step + 1:
             raise ValueError(self._too_small_message(total))
+        if self.random_seed is not None and not all_there:
+            raise ValueError(f"random sampling needs every shard of {self.dir}, but a trainer deleted some "
+                             "(--delete_consumed_shards): prepare the data again")
 
     def _too_small_message(self, total=None) -> str:
         have = f"{total} tokens" if total is not None else "too few tokens"
@@ -306,6 +368,11 @@ class ShardLoader:
                     "run's checkpoint, or prepare the data again"
                 )
             raise FileNotFoundError(f"shard {path} is missing")
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:  # else numpy takes it for a pickle and advises loading it "unsafely"
+            raise ValueError(f"{path} is not a token shard written by prepare_data.py (it has no .npy header): "
+                             f"move it out of {self.dir}, or prepare the data again")
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as err:
@@ -334,6 +401,31 @@ class ShardLoader:
                 return k, offset + n
             n -= length - offset
             k, offset = k + 1, 0
+
+    def _read_at(self, start, n) -> np.ndarray:
+        """n tokens from position start of the split's stream (a complete split)."""
+        k, offset = self._locate(0, 0, start)
+        return self._read(k, offset, n)
+
+    def _random_batch(self):
+        """B windows of T + 1 tokens at random starts. The starts are one seeded stream over the rows of
+        all ranks (rank r takes rows r*B .. r*B + B-1 of each draw), so the rows that make up an optimizer
+        step are the same for any number of ranks, and `rows` alone resumes the stream."""
+        first = self.rows + self.rank * self.B
+        rows = [self._read_at(self._random_start(g), self.T + 1) for g in range(first, first + self.B)]
+        self.rows += self.B * self.world_size
+        buf = torch.from_numpy(np.stack(rows))      # (B, T + 1)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def _random_start(self, row: int) -> int:
+        # starts are drawn RANDOM_BLOCK at a time, from a generator seeded by (seed, block): any row's
+        # start is known without replaying the ones before it
+        block, i = divmod(row, RANDOM_BLOCK)
+        if self._starts_block != block:
+            rng = np.random.default_rng([self.random_seed, block])
+            self._starts = rng.integers(0, self.num_tokens() - self.T, size=RANDOM_BLOCK)
+            self._starts_block = block
+        return int(self._starts[i])
 
     def _read(self, k, offset, n) -> np.ndarray:
         out = np.empty(n, dtype=np.int64)

@@ -43,6 +43,7 @@ from gpt2.tokenizer import encode
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 STYLES = ("completion", "harness")
+EXAMPLE_KEYS = ("ctx", "endings", "label")  # what the completion style reads; the harness style reads more
 PAD_MULTIPLE = 64  # sequence lengths are padded up to this, so torch.compile sees a few shapes only
 
 
@@ -54,8 +55,9 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("HELLASWAG_CACHE", default))
 
 
-def download(url: str = URL, directory: pathlib.Path | None = None) -> pathlib.Path:
-    """The file at url, fetched once into directory; the message names --data when offline."""
+def download(url: str = URL, directory: pathlib.Path | None = None, local_flag: str = "--data") -> pathlib.Path:
+    """The file at url, fetched once into directory; offline, the message names the caller's flag for a
+    local copy (eval_hellaswag.py's --data, train.py's --hellaswag_data)."""
     directory = pathlib.Path(directory or cache_dir())
     path = directory / url.rsplit("/", 1)[-1]
     if path.exists():
@@ -66,7 +68,7 @@ def download(url: str = URL, directory: pathlib.Path | None = None) -> pathlib.P
             data = response.read()
     except OSError as err:
         raise RuntimeError(f"could not download HellaSwag from {url} ({err}). Offline, pass a local "
-                           "copy of hellaswag_val.jsonl with --data FILE (load_examples(path=FILE)).") from None
+                           f"copy of hellaswag_val.jsonl with {local_flag} FILE") from None
     # write then rename: several torchrun ranks may download at once, none may read a partial file
     with tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
         tmp.write(data)
@@ -74,17 +76,34 @@ def download(url: str = URL, directory: pathlib.Path | None = None) -> pathlib.P
     return path
 
 
-def load_examples(path: str | None = None, limit: int | None = None) -> list[dict]:
-    """The validation examples as dicts (ctx, ctx_a, ctx_b, activity_label, endings, label), in file order."""
-    path = pathlib.Path(path) if path else download()
+def load_examples(path: str | None = None, limit: int | None = None, local_flag: str = "--data") -> list[dict]:
+    """The validation examples as dicts (ctx, ctx_a, ctx_b, activity_label, endings, label), in file order;
+    downloaded when path is None (local_flag: see download)."""
+    path = pathlib.Path(path) if path else download(local_flag=local_flag)
+    if not path.is_file():
+        raise FileNotFoundError(f"HellaSwag file {path} does not exist")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
             if line.strip():
-                examples.append(json.loads(line))
+                examples.append(parse_example(line, f"{path}:{lineno}"))
     return examples
+
+
+def parse_example(line: str, where: str) -> dict:
+    """One line of hellaswag_val.jsonl; `where` (file:line) names it in the error."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not a JSON object ({err.msg}, column {err.colno}); "
+                         "expected a line of HellaSwag's hellaswag_val.jsonl") from None
+    missing = [key for key in EXAMPLE_KEYS if not isinstance(example, dict) or key not in example]
+    if missing:
+        raise ValueError(f"{where}: a HellaSwag example needs {', '.join(EXAMPLE_KEYS)}; "
+                         f"this line lacks {', '.join(missing)}")
+    return example
 
 
 # -------------------------------------------------------------------------------------------------
@@ -261,11 +280,11 @@ def run(config: EvalConfig) -> dict:
     """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary."""
     ddp, device = init_distributed(config.device)
     try:
+        examples = load_examples(config.data, config.limit)  # a bad file fails before the model loads
         model = load_model(config, device)
         if config.compile:
             # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes
             model = torch.compile(model, dynamic=False)
-        examples = load_examples(config.data, config.limit)
         result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,
                           ddp.world_size, config.dtype, progress=ddp.is_main)
         summary = {"acc": result["acc"], "acc_norm": result["acc_norm"], "n": result["n"],

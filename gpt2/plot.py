@@ -2,9 +2,11 @@
 
     python -m gpt2.plot out/          # writes out/loss.png
 
-Train and validation loss against steps on the left axis, HellaSwag acc_norm on the right, with
-OpenAI GPT-2 124M's values as dashed reference lines (validation loss 3.2924 on FineWeb-Edu as
-measured by build-nanogpt; acc_norm 0.2955 in the completion style).
+Train loss (raw, and smoothed over it) and validation loss against steps on the left axis, HellaSwag
+acc_norm on the right. The title names the run (preset, data, kernels) from the log's first record.
+OpenAI GPT-2 124M's values are drawn as dashed reference lines only where they apply: its validation
+loss (3.2924 on FineWeb-Edu, as measured by build-nanogpt) on a run whose data is FineWeb, its HellaSwag
+acc_norm (0.2955, completion style) where HellaSwag was measured. A Shakespeare run gets neither.
 """
 import json
 import pathlib
@@ -12,6 +14,7 @@ import sys
 
 GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2955
+SMOOTHING = 0.9  # the smoothed train curve: an exponential moving average with this weight on the past
 
 
 def read_log(out_dir) -> list[dict]:
@@ -27,23 +30,66 @@ def read_log(out_dir) -> list[dict]:
     return records
 
 
+def run_info(records: list[dict]) -> dict:
+    """The run's description (train.py writes it first), or {} for older logs."""
+    return next((r["run"] for r in records if "run" in r), {})
+
+
+def title(run: dict) -> str:
+    if not run:
+        return "training run"
+    data = pathlib.Path(run["data"]).name if run.get("data") else "?"
+    return f"preset {run.get('preset')} | data {data} | kernels {run.get('kernels')}"
+
+
+def is_fineweb(run: dict) -> bool:
+    """Whether GPT-2's FineWeb validation loss is a fair line to draw: the run's data is FineWeb."""
+    text = " ".join(str(run.get(key) or "") for key in ("data", "data_name", "data_source")).lower()
+    return "fineweb" in text
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased at the start (as TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
 def plot_log(out_dir) -> pathlib.Path:
+    """Draw out_dir/log.jsonl into out_dir/loss.png."""
+    import matplotlib.pyplot as plt
+
+    fig = draw(read_log(out_dir))
+    path = pathlib.Path(out_dir) / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw(records: list[dict]):
+    """The figure of a run's log records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_log(out_dir)
+    run = run_info(records)
 
     def series(key):
         return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot(*series("loss"), lw=0.8, alpha=0.7, label="train loss")
-    ax.plot(*series("val_loss"), marker="o", ms=3, label="val loss")
-    ax.axhline(GPT2_124M_VAL_LOSS, color="gray", ls="--", lw=0.8, label="GPT-2 124M val loss")
+    steps, loss = series("loss")
+    ax.plot(steps, loss, lw=0.6, alpha=0.35, color="tab:blue", label="train loss")
+    ax.plot(steps, smooth(loss), lw=1.4, color="tab:blue", label="train loss, smoothed")
+    ax.plot(*series("val_loss"), marker="o", ms=3, color="tab:orange", label="val loss")
+    if is_fineweb(run):
+        ax.axhline(GPT2_124M_VAL_LOSS, color="gray", ls="--", lw=0.8, label="GPT-2 124M val loss (FineWeb-Edu)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.set_title(title(run), fontsize=10)
     handles = ax.get_legend_handles_labels()
     steps, acc = series("hellaswag_acc_norm")
     if acc:
@@ -55,10 +101,7 @@ def plot_log(out_dir) -> pathlib.Path:
         handles = (handles[0] + more[0], handles[1] + more[1])
     ax.legend(*handles, fontsize=8)
     fig.tight_layout()
-    path = pathlib.Path(out_dir) / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ run side by side through a disk that holds K shards.
 """
 import csv
 import hashlib
+import importlib.resources
+import io
 import itertools
 import json
+import lzma
 import os
 import pathlib
 import sys
@@ -36,7 +39,8 @@ import urllib.request
 
 import numpy as np
 
-from gpt2.tokenizer import EOT_TOKEN, encode, get_encoding
+from gpt2.files import remove_stale_tmp_files, write_atomic
+from gpt2.tokenizer import ENCODING_NAME, EOT_TOKEN, encode, get_encoding
 
 META_FILE = "meta.json"
 DONE_FILE = "DONE"
@@ -44,7 +48,7 @@ CONSUMED_FILE = "consumed.txt"
 PROGRESS_FILE = "progress.json"
 FORMAT = "gpt2-triton token shards v1"
 SPLITS = ("train", "val")
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # = the shipped copy
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 FINEWEB_CONFIG = "sample-10BT"
 # the settings a rerun must share with the shards already in a folder
@@ -57,42 +61,31 @@ def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}_{split}_{index:06d}.npy"
 
 
-def _tmp_path(path: pathlib.Path) -> pathlib.Path:
-    # the pid keeps concurrent writers (every rank calling ensure_shakespeare) off each other's files;
-    # the name does not end in .npy, so no reader globbing for shards ever matches it
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
-def _write_atomic(path: pathlib.Path, write) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_shard(path, tokens: np.ndarray) -> None:
     """Write a 1-D uint16 token array as .npy, atomically."""
     tokens = np.asarray(tokens)
     assert tokens.ndim == 1 and tokens.dtype == np.uint16, (tokens.shape, tokens.dtype)
-    _write_atomic(pathlib.Path(path), lambda f: np.save(f, tokens, allow_pickle=False))
+    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
 
 
 def write_json(path, obj) -> None:
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    _write_atomic(pathlib.Path(path), lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data))
 
 
 def read_json(path):
+    """The file's JSON content, or None if it does not exist; a damaged file is an error that names it."""
     path = pathlib.Path(path)
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} is damaged ({err}); prepare_data.py writes it: delete the folder {path.parent} "
+            "and run prepare_data.py again"
+        ) from None
 
 
 def read_meta(folder):
@@ -126,24 +119,6 @@ def delete_consumed_shards(folder, names) -> None:
 
 def count_shards(folder, split: str) -> int:
     return sum(1 for _ in pathlib.Path(folder).glob(f"*_{split}_*.npy"))
-
-
-def _remove_stale_tmp_files(folder: pathlib.Path) -> None:
-    """Temporary files of writers that were killed (their process no longer exists)."""
-    for tmp in folder.glob(".*.tmp.*"):
-        pid = tmp.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wait_until(ready, message, warn_after: float = 60.0, max_sleep: float = 2.0) -> None:
@@ -186,7 +161,7 @@ def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
 
 def make_meta(name: str, shard_size, val_shards: int, source: str, max_shards_on_disk=None) -> dict:
     return {
-        "format": FORMAT, "name": name, "tokenizer": get_encoding().name, "dtype": "uint16",
+        "format": FORMAT, "name": name, "tokenizer": ENCODING_NAME, "dtype": "uint16",
         "shard_size": shard_size, "val_shards": val_shards, "source": source,
         "max_shards_on_disk": max_shards_on_disk,
     }
@@ -383,7 +358,7 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
     folder.mkdir(parents=True, exist_ok=True)
     get_encoding()  # a missing BPE fails here, with tiktoken's message, not inside a worker
     check_or_write_meta(folder, make_meta(name, shard_size, val_shards, source, max_shards_on_disk))
-    _remove_stale_tmp_files(folder)
+    remove_stale_tmp_files(folder)
     writer = ShardWriter(folder, name, shard_size, val_shards, max_shards_on_disk)
     skip = writer.resume()
     if skip:
@@ -466,39 +441,76 @@ def prepare_fineweb(out_dir, inputs=None, dataset=FINEWEB_DATASET, config=FINEWE
                         max_shards_on_disk=max_shards_on_disk, progress=progress)
 
 
-def download_shakespeare(dest, url=SHAKESPEARE_URL) -> pathlib.Path:
+def download_text(dest, url) -> pathlib.Path:
+    """The text at url, saved as dest (prepare_data.py shakespeare --url)."""
     dest = pathlib.Path(dest)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             data = response.read()
     except (urllib.error.URLError, OSError) as err:
         raise RuntimeError(
-            f"could not download tinyshakespeare from {url} ({err}). Offline, pass a local copy: "
+            f"could not download {url} ({err}). Offline, pass a local copy: "
             f"python prepare_data.py shakespeare --input FILE --out {dest.parent}"
         ) from None
-    _write_atomic(dest, lambda f: f.write(data))
+    write_atomic(dest, lambda f: f.write(data))
     return dest
 
 
-def prepare_shakespeare(out_dir, input_file=None, url=SHAKESPEARE_URL) -> dict:
+# tinyshakespeare ships with the package (gpt2/assets/README.md), with its tokens, so that the default
+# run needs neither the network nor the GPT-2 BPE files
+SHIPPED_TEXT = "tinyshakespeare.txt.xz"
+SHIPPED_TOKENS = "tinyshakespeare_tokens.npy.xz"
+
+
+def _asset(name: str):
+    return importlib.resources.files("gpt2") / "assets" / name
+
+
+def shipped_shakespeare_text() -> str:
+    return lzma.decompress(_asset(SHIPPED_TEXT).read_bytes()).decode("utf-8")
+
+
+def shipped_shakespeare_tokens() -> np.ndarray:
+    """tokenize_document(shipped_shakespeare_text()), read from the package rather than tokenized."""
+    return np.load(io.BytesIO(lzma.decompress(_asset(SHIPPED_TOKENS).read_bytes())), allow_pickle=False)
+
+
+def write_shipped_tokens() -> None:
+    """Remake gpt2/assets/tinyshakespeare_tokens.npy.xz from the shipped text (needs the BPE)."""
+    buffer = io.BytesIO()
+    np.save(buffer, tokenize_document(shipped_shakespeare_text()), allow_pickle=False)
+    data = lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+    write_atomic(pathlib.Path(__file__).parent / "assets" / SHIPPED_TOKENS, lambda f: f.write(data))
+
+
+def _sha256(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare_shakespeare(out_dir, input_file=None, url=None) -> dict:
     """tinyshakespeare as one document: the first 90 % of its tokens are train, the last 10 % val.
 
-    Writes shakespeare_val_000000.npy and shakespeare_train_000001.npy. Downloads the text (karpathy/
-    char-rnn) into out_dir when no input_file is given. Returns the DONE content.
+    Writes shakespeare_val_000000.npy and shakespeare_train_000001.npy from input_file, or from the text
+    at url (downloaded into out_dir/input.txt), or by default from the copy shipped with the package,
+    whose tokens ship too: the default needs no network and no BPE. Returns the DONE content.
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if input_file is None:
+    if url is not None:
         input_file = out_dir / "input.txt"
         if not input_file.exists():
-            download_shakespeare(input_file, url)
-    input_file = pathlib.Path(input_file)
-    if not input_file.is_file():
-        raise FileNotFoundError(f"input file {input_file} does not exist")
-    text = input_file.read_text(encoding="utf-8")
-    source = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+            download_text(input_file, url)
+    if input_file is None:
+        text = shipped_shakespeare_text()
+    else:
+        input_file = pathlib.Path(input_file)
+        if not input_file.is_file():
+            raise FileNotFoundError(f"input file {input_file} does not exist")
+        text = input_file.read_text(encoding="utf-8")
+    source = _sha256(text)
     check_or_write_meta(out_dir, make_meta("shakespeare", None, 1, source))
-    tokens = tokenize_document(text)
+    shipped = source == _sha256(shipped_shakespeare_text())
+    tokens = shipped_shakespeare_tokens() if shipped else tokenize_document(text)
     n_train = int(0.9 * len(tokens))
     parts = {"val": (0, tokens[n_train:]), "train": (1, tokens[:n_train])}
     names = {}

@@ -1,10 +1,13 @@
 """The GPT-2 BPE through tiktoken.
 
 tiktoken downloads the BPE files on first use and caches them. Offline, point TIKTOKEN_CACHE_DIR at a
-folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache).
+folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache). Training
+needs no BPE (it reads token shards, and the default data ships tokenized); preparing other text,
+sampling and HellaSwag do. The files are not shipped: only the default run's text is.
 """
 import functools
 
+ENCODING_NAME = "gpt2"  # tiktoken's name for it, recorded in every data folder's meta.json
 EOT_TOKEN = 50256       # <|endoftext|>, which also separates documents in the token shards
 VOCAB_SIZE = 50257      # real GPT-2 vocabulary; the model pads its embedding to 50304 for speed
 
@@ -15,13 +18,22 @@ def get_encoding():
     import tiktoken
 
     try:
-        return tiktoken.get_encoding("gpt2")
+        return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:  # tiktoken raises requests/urllib errors of several kinds when offline
         raise RuntimeError(
             "could not load the GPT-2 BPE for tiktoken "
             f"({type(err).__name__}: {err}). Offline, set TIKTOKEN_CACHE_DIR to a folder holding "
             "tiktoken's cached GPT-2 files (for example ../shared/data/tiktoken_cache)."
         ) from None
+
+
+def available() -> bool:
+    """Whether the BPE loads (from tiktoken's cache, or downloaded once). Training needs none."""
+    try:
+        get_encoding()
+    except RuntimeError:
+        return False
+    return True
 
 
 def encode(text: str) -> list[int]:

@@ -1,92 +1,52 @@
-"""The training run behind train.py: presets, the lr schedule, and the loop.
+"""The training run behind train.py: the lr schedule, the loop, and what it leaves in --out_dir.
 
 The loop is build-nanogpt's recipe: gradient accumulation to a fixed number of tokens per step, bf16
 autocast, TF32 matmuls, global grad-norm clipping, AdamW with decay on 2-D weights, linear warmup then
 cosine decay to min_lr_ratio * lr. Under torchrun the model is wrapped in DDP and gradients are synced
 only on the last micro-step. Rank 0 alone prints, logs and checkpoints; every rank joins every
-collective (validation loss, HellaSwag counts, loader positions for the checkpoint).
+collective (validation loss, HellaSwag counts, loader positions for the checkpoint, the stop flag).
+
+A run owns its --out_dir: log.jsonl, loss.png, ckpt_<step>.pt and tensorboard/ (with --tensorboard).
+A folder that holds a run is refused unless --resume continues it or --overwrite deletes those files
+first. Everything that can be checked without the model (flags, out_dir, data, HellaSwag file) is
+checked before it is built. Ctrl-C (or SIGTERM) stops the run at the end of the step it is in, with a
+checkpoint there; a second Ctrl-C stops at once.
 """
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import pathlib
+import signal
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import ops as ops_module
-from gpt2.checkpoint import (check_same_shape, checkpoint_path, latest_checkpoint, load_checkpoint,
-                             restore_rng, save_checkpoint)
+from gpt2.checkpoint import (check_same_shape, checkpoint_path, checkpoints, newest_readable_checkpoint,
+                             remove_stale_tmp_checkpoints, restore_rng, save_checkpoint)
+from gpt2.config import PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, validate
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, GPTConfig
 from gpt2.plot import read_log
-from gpt2.runtime import DTYPES, Distributed, all_reduce_sum, autocast, peak_bf16_flops
+from gpt2.runtime import Distributed, all_reduce_sum, autocast, peak_bf16_flops
+
+__all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "train"]
+
+LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "loss.png", "tensorboard"
 
 
-class TrainError(Exception):
-    """A problem with the run's inputs; the message says what to change. Printed without a traceback."""
+class Interrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint; exit_code is 128 + the signal number."""
 
-
-@dataclass
-class TrainConfig:
-    data: str | None = None
-    out_dir: str = "out"
-    preset: str = "shakespeare"
-    kernels: str = "auto"
-    device: str = "auto"
-    dtype: str | None = None               # None: bfloat16 on CUDA, float32 elsewhere
-    compile: bool | None = None            # None: on for CUDA
-    init_from: str | None = None           # a HF name or directory to fine-tune from
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    batch_size: int = 64                   # micro-batch per rank
-    total_batch_size: int = 524288         # tokens per optimizer step, all ranks
-    max_steps: int = 19073
-    warmup_steps: int = 715
-    learning_rate: float = 6e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 1337
-    eval_interval: int = 250
-    eval_steps: int = 20
-    hellaswag_interval: int = 250
-    hellaswag_limit: int | None = None     # examples per evaluation (None: all 10,042)
-    hellaswag_data: str | None = None
-    sample_interval: int = 250
-    sample_prompt: str = "Hello, I'm a language model,"
-    checkpoint_interval: int = 5000
-    resume: bool = False
-    delete_consumed_shards: bool = False
-
-
-PRESETS = {
-    # a small GPT that learns tinyshakespeare's shape in a few minutes on a laptop CPU
-    "shakespeare": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, total_batch_size=512,
-                        max_steps=200, warmup_steps=20, learning_rate=2e-3, eval_interval=50, eval_steps=4,
-                        hellaswag_interval=0, sample_interval=200, sample_prompt="ROMEO:",
-                        checkpoint_interval=200),
-    # build-nanogpt: GPT-2 124M on 10B tokens of FineWeb-Edu
-    "gpt2-124m": dict(),
-    # GPT-3 paper learning rates for the larger sizes; micro-batches that fit an 80 GB GPU in bf16
-    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, batch_size=32, learning_rate=3e-4),
-    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, batch_size=16, learning_rate=2.5e-4),
-    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, batch_size=8, learning_rate=2e-4),
-}
-
-
-def make_config(preset: str, **overrides) -> TrainConfig:
-    """The preset's config with every override that is not None applied."""
-    if preset not in PRESETS:
-        raise TrainError(f"unknown --preset {preset!r}: choose from {', '.join(PRESETS)}")
-    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(preset=preset, **fields)
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -100,13 +60,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
 
 
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_micro_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % per_micro_step:
-        raise TrainError(
-            f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x --block_size x ranks "
-            f"= {cfg.batch_size} x {cfg.block_size} x {world_size} = {per_micro_step}; change one of them")
-    return cfg.total_batch_size // per_micro_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,23 +102,125 @@ def clip_and_step(optimizer, model, grad_clip: float, scaler) -> torch.Tensor:
     return norm
 
 
+
+# ---------------------------------------------------------------------------------------------
+# the output folder and the checks before any heavy work
+
+
+def run_files(out_dir) -> list[pathlib.Path]:
+    """The files a run leaves in out_dir: what --overwrite deletes, and nothing else."""
+    out_dir = pathlib.Path(out_dir)
+    files = [out_dir / LOG_FILE, out_dir / PLOT_FILE, *checkpoints(out_dir), *out_dir.glob(".ckpt_*.pt.tmp*"),
+             *(out_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")]
+    return [f for f in files if f.is_file()]
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """out_dir is, or can become, a folder this process writes to, and holds no other run unless
+    --resume or --overwrite says what to do with it. Changes nothing on disk."""
+    out_dir = pathlib.Path(cfg.out_dir)
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == out_dir else f": {existing}"
+        raise TrainError(f"--out_dir {out_dir}{where} is a file, not a folder; choose another --out_dir")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # as root, permission bits say nothing: try it
+    except OSError as err:
+        raise TrainError(f"--out_dir {out_dir}: cannot write in {existing} ({err.strerror}); "
+                         "choose a writable --out_dir") from None
+    holds_run = (out_dir / LOG_FILE).exists() or checkpoints(out_dir)
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        files = [f.name for f in run_files(out_dir)]
+        found = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        raise TrainError(f"{out_dir} holds a run ({found}): continue it with --resume, train into another "
+                         f"--out_dir, or pass --overwrite to delete its log, checkpoints and plot")
+
+
+def check_tensorboard(cfg: TrainConfig) -> None:
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM inside `with stop:` only sets `signum`: the loop finishes the step,
+    saves a checkpoint and exits. A second signal raises KeyboardInterrupt at once, unless it comes
+    within DUPLICATE_S of the first: torchrun forwards the terminal's Ctrl-C to workers that got it
+    already (and kills them 30 s later, its shutdown timeout)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    DUPLICATE_S = 1.0
+
+    def __init__(self, announce: bool):
+        self.signum, self.announce, self._previous, self._first = None, announce, {}, 0.0
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if time.monotonic() - self._first < self.DUPLICATE_S:
+                return
+            raise KeyboardInterrupt
+        self.signum, self._first = signum, time.monotonic()
+        if self.announce:  # os.write: print() may be in the middle of a write on this thread
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
+                        "(press Ctrl-C again to stop at once)\n".encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
 class Run:
     """One training run: the model, optimizer, loaders and logs, and the step loop over them."""
 
     def __init__(self, cfg: TrainConfig, ddp: Distributed, device: torch.device):
         self.cfg, self.ddp, self.device = cfg, ddp, device
         self.dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        if self.dtype not in DTYPES:
-            raise TrainError(f"unknown --dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         self.ops = ops_module.resolve(cfg.kernels, device)
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
-        self.log_path = self.out_dir / "log.jsonl"
+        self.log_path = self.out_dir / LOG_FILE
+        self._open_inputs()  # before the model: a bad data folder or HellaSwag file fails in a second
+        self._build_training()
+        self.step = 0
+        self.resumed_at, self.evaluated_at_resume = None, False
+        if cfg.resume:
+            self._resume()
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
+        self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.stop = StopRequest(announce=ddp.is_main)
+        self.tensorboard = None
+
+    def _open_inputs(self):
+        """The tokenizer check, HellaSwag's examples and the data loaders."""
+        cfg, ddp = self.cfg, self.ddp
+        self.can_tokenize = self._check_tokenizer()
+        self.hellaswag = self._hellaswag_examples() if cfg.hellaswag_interval and self.can_tokenize else None
+        self.data_dir = self._data_dir()
+        random_seed = cfg.seed if cfg.sampling == "random" else None
+        self.train_loader = ShardLoader(self.data_dir, "train", cfg.batch_size, cfg.block_size, ddp.rank,
+                                        ddp.world_size, random_seed=random_seed,
+                                        delete_consumed=cfg.delete_consumed_shards)
+        if cfg.delete_consumed_shards:  # a disk budget below one step's shards would deadlock with the producer
+            self.train_loader.check_disk_budget(cfg.total_batch_size)
+        self.val_loader = ShardLoader(self.data_dir, "val", cfg.batch_size, cfg.block_size, ddp.rank,
+                                      ddp.world_size) if cfg.eval_interval else None
+
+    def _build_training(self):
+        """The model (seeded), its optimizer and grad scaler, and its torch.compile and DDP wrappers."""
+        cfg, ddp, device = self.cfg, self.ddp, self.device
         torch.manual_seed(cfg.seed)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32
-
         self.raw_model = self._build_model().to(device)
         self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
                                                              device.type)
@@ -173,20 +228,6 @@ class Run:
         self.model = torch.compile(self.raw_model) if self.compile else self.raw_model
         if ddp.enabled:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        data_dir = self._data_dir()
-        self.train_loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.block_size, ddp.rank,
-                                        ddp.world_size, delete_consumed=cfg.delete_consumed_shards)
-        if cfg.delete_consumed_shards:  # a disk budget below one step's shards would deadlock with the producer
-            self.train_loader.check_disk_budget(cfg.total_batch_size)
-        self.val_loader = ShardLoader(data_dir, "val", cfg.batch_size, cfg.block_size, ddp.rank,
-                                      ddp.world_size) if cfg.eval_interval else None
-        self.hellaswag = self._hellaswag_examples() if cfg.hellaswag_interval else None
-        self.step = 0
-        if cfg.resume:
-            self._resume()
-        self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
-        self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
@@ -204,16 +245,36 @@ class Run:
         folder = pathlib.Path("data") / "shakespeare"
         if self.ddp.is_main:
             try:
-                ensure_shakespeare(folder)
-            except RuntimeError as err:  # offline: the message names prepare_data.py --input
-                raise TrainError(str(err)) from None
+                ensure_shakespeare(folder)  # from the copy shipped in the package: no network, no BPE
+            except OSError as err:
+                raise TrainError(f"could not prepare tinyshakespeare in {folder} ({err}): run from a writable "
+                                 "folder, or pass --data DIR") from None
         self._barrier()
         return str(folder)
+
+    def _check_tokenizer(self) -> bool:
+        """Training reads token shards and needs no BPE; samples and HellaSwag do. Without the BPE they are
+        skipped, with one line that says how to get it."""
+        from gpt2.tokenizer import available
+
+        wanted = [name for name, interval in (("samples", self.cfg.sample_interval),
+                                              ("HellaSwag", self.cfg.hellaswag_interval)) if interval]
+        if not wanted or available():
+            return True
+        self.print(f"note: the GPT-2 BPE is not here (tiktoken could not load it), so {' and '.join(wanted)} "
+                   "are skipped; training needs none. To enable them, set TIKTOKEN_CACHE_DIR to a folder of "
+                   "tiktoken's cached GPT-2 files, or connect to the internet once")
+        return False
 
     def _hellaswag_examples(self):
         from gpt2.hellaswag import load_examples
 
-        return load_examples(self.cfg.hellaswag_data, limit=self.cfg.hellaswag_limit)
+        try:
+            return load_examples(self.cfg.hellaswag_data, limit=self.cfg.hellaswag_limit,
+                                 local_flag="--hellaswag_data")
+        except RuntimeError as err:  # offline: the message names --hellaswag_data
+            raise TrainError(f"--hellaswag_interval {self.cfg.hellaswag_interval}: {err}, or turn HellaSwag "
+                             "off with --hellaswag_interval 0") from None
 
     def _barrier(self):
         if self.ddp.enabled:
@@ -222,11 +283,20 @@ class Run:
     # -- resume and checkpoints ------------------------------------------------------------------
 
     def _resume(self):
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
+        try:
+            found = newest_readable_checkpoint(self.out_dir)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        if found is None:
             self.print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
+            if self.ddp.is_main:
+                self._truncate_log(0, keep_evaluations=False)
             return
-        checkpoint = load_checkpoint(path)
+        path, checkpoint, skipped = found
+        if skipped:
+            why = skipped[0][1].splitlines()[0]
+            self.print(f"{why}; resuming from the older {path}" if len(skipped) == 1 else
+                       f"{len(skipped)} newer checkpoints are not readable ({why}); resuming from {path}")
         check_same_shape(checkpoint, self.raw_model.config, path)
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -238,30 +308,70 @@ class Run:
                              f"resume with the same number of processes")
         self.train_loader.load_state_dict(states[self.ddp.rank])
         restore_rng(checkpoint)
-        self.step = checkpoint["step"]
+        self.step = self.resumed_at = checkpoint["step"]
+        # a checkpoint saved on Ctrl-C comes before its step's evaluations; any other, after them
+        self.evaluated_at_resume = checkpoint.get("periodic_done", True)
         if self.ddp.is_main:
-            self._truncate_log(self.step)
+            self._truncate_log(self.step, keep_evaluations=self.evaluated_at_resume)
         self.print(f"resumed from {path} at step {self.step}")
 
-    def _truncate_log(self, step: int):
-        """Drop log lines of steps the resumed run will do again, so the log reads as one run."""
+    def _truncate_log(self, step: int, keep_evaluations: bool):
+        """Drop the log lines of what the resumed run will do again, so the log reads as one run."""
         if self.log_path.exists():
-            kept = [record for record in read_log(self.out_dir) if record["step"] < step]
+            kept = [r for r in read_log(self.out_dir)
+                    if r["step"] < step or (keep_evaluations and r["step"] == step and "loss" not in r)]
             self.log_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
-    def save(self):
+    def save(self, periodic_done: bool = True):
+        """Every rank's loader state into one checkpoint, written by rank 0; returns its path there."""
         states = [None] * self.ddp.world_size
         if self.ddp.enabled:
             torch.distributed.all_gather_object(states, self.train_loader.state_dict())
         else:
             states = [self.train_loader.state_dict()]
-        if self.ddp.is_main:
-            path = checkpoint_path(self.out_dir, self.step)
-            save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step,
-                            loader_states=states, train_config=dataclasses.asdict(self.cfg), scaler=self.scaler)
-            self.print(f"saved {path}")
+        if not self.ddp.is_main:
+            return None
+        path = checkpoint_path(self.out_dir, self.step)
+        save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step, loader_states=states,
+                        train_config=dataclasses.asdict(self.cfg), scaler=self.scaler, periodic_done=periodic_done)
+        self.print(f"saved {path}")
+        return path
 
-    # -- logging ----------------------------------------------------------------------------------
+    # -- the output folder and logging -------------------------------------------------------------
+
+    def start_outputs(self):
+        """Rank 0 makes out_dir, clears the old run's files (--overwrite) and the leftovers of a killed
+        save, and opens the TensorBoard writer. Only now: every check before this one changed nothing."""
+        if not self.ddp.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.overwrite:
+            old = run_files(self.out_dir)
+            for f in old:
+                f.unlink()
+            if old:
+                self.print(f"--overwrite: deleted the {len(old)} files of the previous run in {self.out_dir}")
+        stale = remove_stale_tmp_checkpoints(self.out_dir)
+        if stale:
+            self.print(f"removed {len(stale)} temporary files of an interrupted save ({stale[0]}, ...)")
+        if self.cfg.tensorboard:
+            self._open_tensorboard()
+
+    def _open_tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # a resumed run drops the events of the steps it does again, as it drops their log lines
+        self.tensorboard = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=self.resumed_at,
+                                         flush_secs=30)
+        if self.resumed_at is not None:
+            for record in read_log(self.out_dir):
+                if record["step"] == self.resumed_at:  # the evaluations kept at the resumed step
+                    self._tensorboard_scalars(record)
+
+    def _tensorboard_scalars(self, record: dict):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(key, value, record["step"])
 
     def print(self, *args):
         if self.ddp.is_main:
@@ -271,25 +381,46 @@ class Run:
         if self.ddp.is_main:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self._tensorboard_scalars(record)
+
+    def describe(self) -> dict:
+        """The run at a glance, for the log's first line and the plot's title."""
+        meta = self.train_loader.meta or {}
+        return {"preset": self.cfg.preset, "data": self.data_dir, "data_name": meta.get("name"),
+                "data_source": meta.get("source"), "kernels": self.ops.spec, "device": str(self.device),
+                "params": self.raw_model.num_params(), "sampling": self.cfg.sampling}
 
     # -- periodic work ------------------------------------------------------------------------------
 
     def due(self, interval: int, last: bool) -> bool:
         return interval > 0 and (self.step % interval == 0 or last)
 
+    def val_batches(self):
+        """The whole val split when eval_steps is 0 or would read all of it; else its first eval_steps batches."""
+        loader, steps = self.val_loader, self.cfg.eval_steps
+        if steps == 0 or steps * loader.tokens_per_step >= loader.num_tokens() - 1:
+            return loader.whole_split_batches()
+        loader.reset()
+        return (loader.next_batch() for _ in range(steps))
+
     @torch.no_grad()
     def evaluate_val_loss(self) -> float:
-        # GPT has no dropout, so train/eval mode does not matter; switching it would make
-        # torch.compile recompile the training graph
-        self.val_loader.reset()
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.eval_steps):
-            x, y = self.val_loader.next_batch()
+        """The token-weighted mean loss over the val batches of all ranks."""
+        # no DDP wrapper: ranks may hold a different number of real tokens. GPT has no dropout, so
+        # train/eval mode does not matter; switching it would make torch.compile recompile
+        model = getattr(self.model, "module", self.model)
+        total = torch.zeros(2, device=self.device)  # summed token losses, tokens
+        for x, y in self.val_batches():
+            tokens = int((y != -1).sum())
+            if tokens == 0:
+                continue
             with autocast(self.device, self.dtype):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += loss.detach()
+                _, loss = model(x.to(self.device), y.to(self.device))  # mean over the tokens whose target is not -1
+            total[0] += loss.detach().float() * tokens
+            total[1] += tokens
         all_reduce_sum(total)
-        return total.item() / (self.cfg.eval_steps * self.ddp.world_size)
+        return (total[0] / total[1]).item()
 
     def evaluate_hellaswag(self) -> float:
         from gpt2.hellaswag import evaluate
@@ -298,7 +429,14 @@ class Run:
                           world_size=self.ddp.world_size, autocast_dtype=self.dtype)
         return result["acc_norm"]
 
-    def periodic(self, last: bool):
+    def print_samples(self):
+        from gpt2.sampling import format_samples, sample_text
+
+        texts = sample_text(self.raw_model, self.cfg.sample_prompt, num_samples=2, max_new_tokens=48,
+                            seed=self.cfg.seed, dtype=self.dtype)
+        self.print(f"step {self.step:6d} | samples:\n{format_samples(texts)}")
+
+    def evaluations(self, last: bool):
         cfg = self.cfg
         if self.val_loader is not None and self.due(cfg.eval_interval, last):
             val_loss = self.evaluate_val_loss()
@@ -310,13 +448,16 @@ class Run:
             self.print(f"step {self.step:6d} | hellaswag acc_norm {acc_norm:.4f}")
             self.log({"step": self.step, "hellaswag_acc_norm": acc_norm})
             self.plot()
-        if self.ddp.is_main and self.due(cfg.sample_interval, last) and self.step > 0:
-            from gpt2.sampling import sample_text
+        if self.ddp.is_main and self.can_tokenize and self.due(cfg.sample_interval, last) and self.step > 0:
+            self.print_samples()
 
-            for text in sample_text(self.raw_model, cfg.sample_prompt, num_samples=2, max_new_tokens=48,
-                                    seed=cfg.seed, dtype=self.dtype):
-                self.print(f"sample: {text!r}")
-        if self.due(cfg.checkpoint_interval, last) and self.step > 0:
+    def periodic(self, last: bool):
+        """Evaluations, samples and the checkpoint of this step. At the step a run resumed from, the
+        checkpoint is the one just loaded, and its evaluations are done unless it was saved on Ctrl-C."""
+        resumed = self.step == self.resumed_at
+        if not (resumed and self.evaluated_at_resume):
+            self.evaluations(last)
+        if not resumed and self.due(self.cfg.checkpoint_interval, last) and self.step > 0:
             self.save()
 
     def plot(self):
@@ -345,12 +486,31 @@ class Run:
             record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak
         return record
 
+    def stop_requested(self) -> bool:
+        """A signal arrived on any rank (all ranks agree, so that all stop at the same step)."""
+        if not self.ddp.enabled:
+            return self.stop.signum is not None
+        flag = torch.tensor([float(self.stop.signum is not None)], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
     def run(self):
         cfg = self.cfg
+        self.start_outputs()
         interpreted = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
         self.print(f"kernels={self.ops.spec}{interpreted} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
+        if self.resumed_at is None:
+            self.log({"step": 0, "run": self.describe()})
+        try:
+            with self.stop:
+                self.loop()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def loop(self):
+        cfg = self.cfg
         while self.step < cfg.max_steps:
             self.periodic(last=False)
             try:
@@ -369,16 +529,21 @@ class Run:
             if cfg.delete_consumed_shards:
                 self._barrier()  # every rank has finished its reads of this step
                 self.train_loader.delete_finished_shards()  # rank 0 deletes; the others do nothing
+            if self.stop_requested():
+                path = self.save(periodic_done=False)
+                message = f"interrupted at step {self.step}: saved {path}; resume with --resume" if path else ""
+                raise Interrupted(message, 128 + (self.stop.signum or signal.SIGINT))
         self.periodic(last=True)
 
 
 def train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> None:
-    out_dir = pathlib.Path(cfg.out_dir)
-    if ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    """Check everything that needs no model, then build the run and train. TrainError: bad input;
+    Interrupted: stopped on a signal, with a checkpoint."""
+    validate(cfg, ddp.world_size)
+    check_out_dir(cfg)
+    check_tensorboard(cfg)
     try:
-        run = Run(cfg, ddp, device)
-        run.run()
+        Run(cfg, ddp, device).run()
     except torch.OutOfMemoryError:
         raise TrainError(f"out of memory with --batch_size {cfg.batch_size} (micro-batch per rank): lower "
                          f"--batch_size; gradient accumulation keeps --total_batch_size") from None

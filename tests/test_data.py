@@ -3,6 +3,7 @@ resume is exact, errors are clear, and the streaming mode (producer beside a del
 stays within its disk budget and consumes every token once."""
 import io
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -106,6 +107,44 @@ def test_reset_restarts_validation(tmp_path):
     val.reset()
     assert all((a[0] == b[0]).all() for a, b in zip(first, steps(val, 3)))
     assert (first[0][0].flatten() == torch.arange(16)).all()
+
+
+def test_random_windows_are_seeded_resumable_and_rank_invariant(tmp_path):
+    make_folder(tmp_path)   # tokens are their positions: a row says where it starts
+    total = sum(LENGTHS)
+    one = ShardLoader(tmp_path, "train", 4, 16, random_seed=7)
+    rows = torch.cat([x for x, _ in steps(one, 6)])                      # (24, 16)
+    starts = rows[:, 0]
+    assert ((rows - starts[:, None]) == torch.arange(16)).all()          # windows of the stream
+    assert starts.max() <= total - 17 and len(set(starts.tolist())) > 20  # anywhere, not in order
+    x, y = ShardLoader(tmp_path, "train", 4, 16, random_seed=7).next_batch()
+    assert (x == rows[:4]).all() and (y == x + 1).all()                  # the seed fixes the rows
+    assert not (ShardLoader(tmp_path, "train", 4, 16, random_seed=8).next_batch()[0] == x).all()
+    # two ranks of batch 2 read, step for step, the rows one rank of batch 4 reads
+    ranks = [ShardLoader(tmp_path, "train", 2, 16, rank=r, world_size=2, random_seed=7) for r in (0, 1)]
+    assert (torch.cat([r.next_batch()[0] for r in ranks]) == rows[:4]).all()
+    # the state resumes the stream, also with another batch size
+    resumed = ShardLoader(tmp_path, "train", 8, 16, random_seed=7)
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert (resumed.next_batch()[0] == rows[4:12]).all()
+    with pytest.raises(ValueError, match="random_seed=7.*--sampling"):
+        ShardLoader(tmp_path, "train", 4, 16).load_state_dict(one.state_dict())
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_whole_split_batches_hold_every_token_once(tmp_path, world_size):
+    make_folder(tmp_path, val_lengths=(300, 51))   # 351 tokens: 350 targets, 22 windows of 16 (the last 14)
+    targets = []
+    for rank in range(world_size):
+        loader = ShardLoader(tmp_path, "val", 4, 16, rank=rank, world_size=world_size)
+        batches = list(loader.whole_split_batches())
+        assert len(batches) == math.ceil(math.ceil(22 / world_size) / 4)   # the same on every rank
+        for x, y in batches:
+            assert x.shape == y.shape == (4, 16)
+            keep = y != -1
+            assert (y[keep] == x[keep] + 1).all()
+            targets += y[keep].tolist()
+    assert sorted(targets) == list(range(1, 351))
 
 
 def test_clear_errors(tmp_path):
@@ -213,7 +252,7 @@ def test_waits_for_the_producer_then_cycles(tmp_path, capsys):
         thread.join()
     assert (stream == torch.arange(75)).all() and (x.flatten() == torch.arange(25)).all()
     assert "no DONE marker yet" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="shuffling needs every shard"):
+    with pytest.raises(ValueError, match="shuffling and random sampling need every shard"):
         (tmp_path / shards.DONE_FILE).unlink()
         ShardLoader(tmp_path, "train", 1, 25, shuffle_seed=0)
 

@@ -33,12 +33,9 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_file():
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, need_shared_file
 
-    path = SHARED_DATA / "hellaswag_val.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} is missing (it sits beside the repository in CI)")
-    return path
+    return need_shared_file(SHARED_DATA / "hellaswag_val.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """prepare_data.py / gpt2/shards.py: shards round-trip to the input documents, with tiktoken's counts,
 the asked sizes, atomic and resumable writes, and clear errors."""
 import json
+import os
 import sys
 import types
 import urllib.error
@@ -58,15 +59,52 @@ def test_shakespeare_round_trip(shared_data, tmp_path, enc):
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
 
 
-def test_shakespeare_offline_names_input(tmp_path, monkeypatch):
+def test_shipped_shakespeare_is_the_text_and_its_tokens(shared_data, enc):
+    text = shards.shipped_shakespeare_text()
+    assert text == (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokens = shards.shipped_shakespeare_tokens()
+    assert tokens.dtype == np.uint16 and np.array_equal(tokens, [enc.eot_token] + enc.encode_ordinary(text))
+
+
+def test_shakespeare_offline_from_the_shipped_copy(shared_data, tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(shards.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"prepare_data.py shakespeare --input FILE"):
-        shards.ensure_shakespeare(tmp_path / "shakespeare")
+    monkeypatch.setattr(shards, "tokenize_document", None)  # the shipped text needs no BPE
+    shards.ensure_shakespeare(tmp_path / "shipped")
+    prepare_data.main(["shakespeare", "--out", str(tmp_path / "cli")])
+    monkeypatch.undo()
+    prepare_data.main(["shakespeare", "--input", str(shared_data / "tinyshakespeare.txt"), "--out", str(tmp_path / "file")])
+    for name in ("shakespeare_val_000000.npy", "shakespeare_train_000001.npy", "meta.json", "DONE"):
+        assert (tmp_path / "shipped" / name).read_bytes() == (tmp_path / "file" / name).read_bytes()
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "file" / name).read_bytes()
+    monkeypatch.setattr(shards.urllib.request, "urlopen", offline)
     with pytest.raises(SystemExit, match="--input FILE"):
-        prepare_data.main(["shakespeare", "--out", str(tmp_path / "cli")])
+        prepare_data.main(["shakespeare", "--url", "https://example.com/x.txt", "--out", str(tmp_path / "url")])
+
+
+def test_the_wheel_ships_the_shakespeare_assets(tmp_path):
+    """A non-editable install finds the shipped text and tokens (pyproject's package-data)."""
+    import subprocess
+    import zipfile
+
+    from conftest import REPO
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((REPO / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "installed")
+    code = "from gpt2 import shards; print(shards.__file__, len(shards.shipped_shakespeare_tokens()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")}).stdout
+    assert out.startswith(str(tmp_path / "installed")) and out.split()[-1] == "338026", out
 
 
 def test_fineweb_shards_round_trip(fineweb, tmp_path, enc):

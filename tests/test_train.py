@@ -10,6 +10,7 @@ import torch
 
 import train
 from gpt2.data import prepare_shakespeare
+from gpt2.sampling import SEPARATOR
 from gpt2.trainer import Run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +29,10 @@ def shakespeare(tmp_path_factory, shared_data):
 def losses(out_dir) -> list[float]:
     lines = (out_dir / "log.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def val_losses(out_dir) -> list[float]:
+    return [r["val_loss"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
 
 
 def run_train(*args) -> int:
@@ -51,20 +56,31 @@ def test_triton_and_torch_kernels_give_the_same_losses(shakespeare, tmp_path):
 
 
 def test_resume_after_interruption_repeats_the_run_exactly(shakespeare, tmp_path, monkeypatch):
-    args = ("--data", shakespeare, "--max_steps", 8, "--checkpoint_interval", 4, "--eval_interval", 4)
+    args = ("--data", shakespeare, "--max_steps", 8, "--checkpoint_interval", 4, "--eval_interval", 4,
+            "--eval_steps", 4)
     assert run_train(*args, "--out_dir", tmp_path / "whole") == 0
 
     original = Run.train_step
 
     def dies_at_step_6(self):
         if self.step == 6:
-            raise KeyboardInterrupt  # the run stops between checkpoints
+            raise KeyboardInterrupt  # the run stops between checkpoints, in the middle of a step
         return original(self)
 
     monkeypatch.setattr(Run, "train_step", dies_at_step_6)
     assert run_train(*args, "--out_dir", tmp_path / "cut") == 130
     monkeypatch.setattr(Run, "train_step", original)
+    checkpoint = tmp_path / "cut" / "ckpt_000004.pt"
+    saved = checkpoint.stat().st_mtime_ns
+    evaluated_at, evaluate = [], Run.evaluate_val_loss
+
+    def spy(self):
+        evaluated_at.append(self.step)
+        return evaluate(self)
+
+    monkeypatch.setattr(Run, "evaluate_val_loss", spy)
     assert run_train(*args, "--out_dir", tmp_path / "cut", "--resume") == 0
+    assert evaluated_at == [8] and checkpoint.stat().st_mtime_ns == saved  # step 4's work is not redone
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bitwise, step for step
     whole = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
     cut = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
@@ -92,8 +108,10 @@ def test_resume_after_kill_9_repeats_the_run_exactly(shakespeare, tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 
 
-def test_two_ranks_equal_one_process(shakespeare, tmp_path):
-    args = [*TINY, "--data", str(shakespeare), "--max_steps", "4", "--total_batch_size", "256"]
+def test_two_ranks_equal_one_process(small_data, tmp_path):
+    # the whole-split validation loss too: the ranks take different windows of it
+    args = [*TINY, "--data", str(small_data), "--max_steps", "4", "--total_batch_size", "256",
+            "--eval_interval", "4", "--eval_steps", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "one")], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=600)
@@ -103,6 +121,7 @@ def test_two_ranks_equal_one_process(shakespeare, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "ranks=2" in two.stdout and "grad_accum=1" in two.stdout
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    np.testing.assert_allclose(val_losses(tmp_path / "two"), val_losses(tmp_path / "one"), rtol=1e-5)
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero(tmp_path):
@@ -112,7 +131,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero(tmp_path):
     np.save(data / "tiny_val_000000.npy", rng.integers(0, 500, 4 * 32 + 1).astype(np.uint16))
     np.save(data / "tiny_train_000001.npy", rng.integers(0, 500, 4 * 32 + 1).astype(np.uint16))
     assert run_train("--data", data, "--out_dir", tmp_path / "out", "--max_steps", 35, "--learning_rate", "1e-2",
-                     "--min_lr_ratio", 1, "--weight_decay", 0) == 0
+                     "--min_lr_ratio", 1, "--weight_decay", 0, "--sampling", "sequential") == 0
     assert losses(tmp_path / "out")[-1] < 0.1
 
 
@@ -157,8 +176,100 @@ def test_checkpoints_feed_sample_and_hellaswag(shakespeare, shared_data, tmp_pat
     capsys.readouterr()
     assert sample.main(["--checkpoint", str(checkpoint), "--prompt", "ROMEO:", "--num_samples", "2",
                         "--max_new_tokens", "5", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("> ROMEO:") == 2
+    samples = capsys.readouterr().out.split("\n" + SEPARATOR + "\n")
+    assert len(samples) == 2 and all(text.startswith("ROMEO:") for text in samples)
     out = tmp_path / "hellaswag.json"
     eval_hellaswag.main(["--checkpoint", str(checkpoint), "--data", str(shared_data / "hellaswag_val.jsonl"),
                          "--limit", "4", "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["n"] == 4
+
+
+def test_whole_split_val_loss_is_the_token_weighted_mean(small_data, tmp_path):
+    from gpt2.runtime import Distributed
+
+    cfg = train.parse_args([*TINY, "--data", str(small_data), "--out_dir", str(tmp_path), "--eval_interval", "1",
+                            "--eval_steps", "0"])
+    run = Run(cfg, Distributed(), torch.device("cpu"))
+    tokens = torch.from_numpy(np.load(small_data / "small_val_000000.npy").astype(np.int64))  # 1,000: 999 targets
+    total = 0.0
+    for start in range(0, len(tokens) - 1, 32):              # windows of 32, the last one 7 long
+        x, y = tokens[start:start + 32], tokens[start + 1:start + 33]
+        logits, _ = run.raw_model(x[None])
+        total += torch.nn.functional.cross_entropy(logits[0, :len(y)], y, reduction="sum").item()
+    assert run.evaluate_val_loss() == pytest.approx(total / 999, rel=1e-5)
+    assert run.evaluate_val_loss() == run.evaluate_val_loss()  # the same batches every time
+
+
+def test_presets_sample_small_data_at_random_and_fineweb_in_order():
+    from gpt2.config import make_config
+
+    assert make_config("shakespeare").sampling == "random" and make_config("shakespeare").eval_steps == 0
+    assert all(make_config(p).sampling == "sequential" for p in ("gpt2-124m", "gpt2-350m", "gpt2-1558m"))
+
+
+def test_every_flag_is_a_config_field_with_true_help():
+    import argparse
+    import dataclasses
+
+    from gpt2.config import TrainConfig, add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in dataclasses.fields(TrainConfig)}
+    switches_off = {name for name, help in flags.items() if "0 turns" in help}
+    assert switches_off == {"eval_interval", "hellaswag_interval", "sample_interval", "checkpoint_interval",
+                            "grad_clip"}
+    assert "(default: 200; gpt2-*: 19073)" in flags["max_steps"]
+
+
+def test_sample_prompt_flag(small_data, tmp_path, capsys):
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 2, "--sample_interval", 2,
+                     "--sample_prompt", "JULIET:") == 0
+    out = capsys.readouterr().out
+    samples = out.split("samples:\n", 1)[1].split("\n" + SEPARATOR + "\n")
+    assert len(samples) == 2 and all(text.startswith("JULIET:") for text in samples), out
+
+
+def test_tensorboard_holds_every_scalar_of_the_log(small_data, tmp_path):
+    from conftest import need_package
+
+    need_package("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 3, "--eval_interval", 2,
+                     "--tensorboard") == 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    expected = {(key, r["step"]): value for r in records for key, value in r.items()
+                if key != "step" and isinstance(value, (int, float))}
+    logged = {(tag, e.step): e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    assert set(logged) == set(expected) and {"loss", "val_loss", "lr", "grad_norm"} <= {k for k, _ in logged}
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6)
+
+
+def test_tensorboard_missing_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "out", "--tensorboard",
+                 match="--tensorboard needs the tensorboard package: pip install tensorboard")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch):
+    import signal
+
+    from gpt2.trainer import StopRequest
+
+    with StopRequest(announce=False) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)   # torchrun's copy of the same Ctrl-C, a moment later
+        assert stop.signum == signal.SIGINT
+        monkeypatch.setattr(StopRequest, "DUPLICATE_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

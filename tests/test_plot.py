@@ -1,0 +1,46 @@
+"""gpt2/plot.py: the title names the run, the train curve is smoothed, and GPT-2's reference lines show
+only where they apply."""
+import matplotlib.pyplot as plt
+import pytest
+
+from gpt2 import plot
+
+
+def log(data: str, hellaswag: bool = False) -> list[dict]:
+    records = [{"step": 0, "run": {"preset": "gpt2-124m", "data": data, "kernels": "triton"}}]
+    records += [{"step": s, "loss": 11.0 - s / 10 + (s % 2)} for s in range(20)]
+    records += [{"step": s, "val_loss": 10.0 - s / 10} for s in (0, 10, 19)]
+    if hellaswag:
+        records += [{"step": s, "hellaswag_acc_norm": 0.25 + s / 1000} for s in (0, 19)]
+    return records
+
+
+def labels(fig) -> list[str]:
+    return [label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]]
+
+
+@pytest.mark.parametrize("data, hellaswag, references", [
+    ("data/shakespeare", False, []),
+    ("data/edu_fineweb10B", True, ["GPT-2 124M val loss (FineWeb-Edu)", "GPT-2 124M HellaSwag"]),
+    ("data/mine", True, ["GPT-2 124M HellaSwag"]),
+])
+def test_reference_lines_only_where_they_apply(data, hellaswag, references):
+    fig = plot.draw(log(data, hellaswag))
+    assert [label for label in labels(fig) if label.startswith("GPT-2")] == references
+    assert {"train loss", "train loss, smoothed", "val loss"} <= set(labels(fig))
+    assert fig.axes[0].get_title() == f"preset gpt2-124m | data {data.split('/')[-1]} | kernels triton"
+    plt.close(fig)
+
+
+def test_smoothing_follows_the_curve_with_less_noise():
+    values = [10.0 + (i % 2) for i in range(200)]
+    smoothed = plot.smooth(values)
+    assert smoothed[0] == values[0] and abs(smoothed[-1] - 10.5) < 0.1
+    assert max(smoothed[100:]) - min(smoothed[100:]) < 0.2
+
+
+def test_plot_log_writes_the_png(tmp_path):
+    import json
+
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log("data/shakespeare")))
+    assert plot.plot_log(tmp_path).stat().st_size > 1000
