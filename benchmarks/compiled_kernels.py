@@ -4,6 +4,7 @@ torch.compile would type its arguments: registers, spills, shared memory, tensor
     python benchmarks/compiled_kernels.py               # the table (sm_90 and sm_80)
     python benchmarks/compiled_kernels.py --configs     # also every autotuning candidate, on sm_90
     python benchmarks/compiled_kernels.py --check       # exit 1 on a compile error, fp64 math or a spill
+    python benchmarks/compiled_kernels.py --configs --out benchmarks/results/compiled   # keep the table
 
 No GPU is needed: Triton ships ptxas. stub_gpu runs one training step of a small GPT (every op on
 Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64) through Triton's real launch path, then
@@ -193,12 +194,22 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", action="store_true", help="also compile every autotuning candidate (sm_90)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any kernel has a problem")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--out", help="write compiled_kernels.md (with versions, date, commit) to this folder")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, before a kernel module is imported
     rows = report(args.configs)
     print(markdown(rows))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.out:
+        import harness
+
+        env = harness.environment(torch.device("cpu"))
+        header = "\n".join(f"- {k}: {v}" for k, v in env.items() if k != "device")
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compiled_kernels.md").write_text(
+            f"# Compiled kernels (ahead of time, no GPU)\n\n{header}\n\n{markdown(rows)}\n")
     bad = [f"{r['kernel']} [{r['config']}] {r['target']} {r['types']}: {p}" for r in rows for p in problems(r)]
     if bad:
         print("\nproblems:\n" + "\n".join(bad), file=sys.stderr)
