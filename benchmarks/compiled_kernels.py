@@ -7,7 +7,7 @@ torch.compile would type its arguments: registers, spills, shared memory, tensor
     python benchmarks/compiled_kernels.py --configs --out benchmarks/results/compiled   # keep the table
 
 No GPU is needed: Triton ships ptxas. stub_gpu runs one training step of a small GPT (every op on
-Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64) through Triton's real launch path, then
+Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64, vocabulary 50304) through Triton's real launch path, then
 its forward and backward under torch.compile(fullgraph=True) (which must trace without a graph break),
 and records each kernel compiled. Each is then compiled again per target, with its float scalars typed fp64 and its integers
 i64, the way torch.compile's inductor hands Python scalars to user kernels: a kernel must compute the
@@ -54,9 +54,9 @@ def record_step() -> list:
     stub_gpu.install(90)
     torch.manual_seed(0)
     ops = resolve("triton", "cuda")  # compiled for a CUDA target; the tensors stay on the CPU
-    model = GPT(GPTConfig(n_layer=1, n_head=12, n_embd=768, block_size=64, vocab_size=512), ops)  # GPT-2 widths
+    model = GPT(GPTConfig(n_layer=1, n_head=12, n_embd=768, block_size=64), ops)  # GPT-2 widths and vocabulary
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
-    tokens = torch.randint(0, 512, (2, 65))
+    tokens = torch.randint(0, 50257, (2, 65))
     batches, device = [(tokens[:, :-1], tokens[:, 1:])], torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     accumulate_gradients(model, batches, device, "bfloat16", scaler)
