@@ -103,27 +103,51 @@ _AUTOTUNE = dict(key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], **_CACHE_RESULTS)  # th
 
 
 @triton.jit
+def _query_block(H, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's (batch * head, batch, head, first query) when each owns BLOCK_M queries: axis 0
+    the query block, axis 1 the (batch, head). Causal: the last query blocks have the most work, so they
+    start first."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    return off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64), pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_block_scores(q, K, V, stride_kt, stride_vt, offs_m, start_n, T,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                      BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+    """The key/value block at start_n (rows past T read as zero when BOUNDS) and the scores q k^T
+    (BLOCK_M, BLOCK_N), unscaled, -inf where masked: above the diagonal (CAUSAL_MASK) and past T
+    (BOUNDS: a zero key would still get P = exp2(-LSE), which can overflow)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if BOUNDS:
+        k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if CAUSAL_MASK:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    if BOUNDS:
+        s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
                PRECISION: tl.constexpr):
     """Folds key/value blocks [lo, hi) into the running (acc, l_i, m_i) of one query block.
     K, V point at this (batch, head); offs_m are the block's query positions."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if BOUNDS:
-            k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled: see below
-        if CAUSAL_MASK:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        if BOUNDS:
-            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        k, v, s = _key_block_scores(q, K, V, stride_kt, stride_vt, offs_m, start_n, T,
+                                    HEAD_DIM, BLOCK_N, CAUSAL_MASK, BOUNDS, PRECISION)  # s unscaled: see below
         # scaling inside the exponent makes it one fused multiply-add per score (qk_scale > 0)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
@@ -147,13 +171,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,      # queries per program, keys per step
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks have the most work: start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    off_bh, off_b, off_h, start_m = _query_block(H, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
 
@@ -308,22 +326,9 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi,
               PRECISION: tl.constexpr):
     """Adds the contributions of key blocks [lo, hi) to one query block's dq. K, V point at this
     (batch, head)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
-        if BOUNDS:
-            k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if CAUSAL_MASK:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        if BOUNDS:  # a zero key past T would still get P = exp2(-LSE), which can overflow
-            s = tl.where(offs_n[None, :] < T, s, float("-inf"))
+        k, v, s = _key_block_scores(q, K, V, stride_kt, stride_vt, offs_m, start_n, T,
+                                    HEAD_DIM, BLOCK_N, CAUSAL_MASK, BOUNDS, PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -346,13 +351,7 @@ def _attn_bwd_dq(
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
     sm_scale = tl.cast(sm_scale, tl.float32)
-    pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks have the most work: start them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    off_bh, off_b, off_h, start_m = _query_block(H, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
 
