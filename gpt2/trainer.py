@@ -198,6 +198,7 @@ class Run:
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
         self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.stop = StopRequest(announce=ddp.is_main)
+        self.stop_votes = 0.0  # ranks that had seen a signal when the last step's loss was reduced
         self.tensorboard = None
 
     def _open_inputs(self):
@@ -472,12 +473,15 @@ class Run:
         t0 = time.perf_counter()
         batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
         loss = accumulate_gradients(self.model, batches, self.device, self.dtype, self.scaler)
-        all_reduce_sum(loss)
+        # the ranks' losses and their stop votes (a signal seen) in one collective
+        summed = all_reduce_sum(torch.stack([loss, loss.new_tensor(float(self.stop.signum is not None))]))
         lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = clip_and_step(self.optimizer, self.raw_model, self.cfg.grad_clip, self.scaler)
-        loss_value, norm_value = torch.stack([loss / self.ddp.world_size, grad_norm.float()]).tolist()
+        loss_value, stop_votes, norm_value = torch.stack(
+            [summed[0] / self.ddp.world_size, summed[1], grad_norm.float()]).tolist()
+        self.stop_votes = stop_votes
         dt = time.perf_counter() - t0  # .tolist() waited for the GPU: the step is done
         tokens_per_sec = self.cfg.total_batch_size / dt
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
@@ -487,11 +491,12 @@ class Run:
         return record
 
     def stop_requested(self) -> bool:
-        """A signal arrived on any rank (all ranks agree, so that all stop at the same step)."""
+        """A signal arrived: on one process, at any time before now; under DDP, on any rank before this
+        step's loss was reduced (all ranks agree, so that all stop at the same step, and no collective
+        of its own is needed)."""
         if not self.ddp.enabled:
             return self.stop.signum is not None
-        flag = torch.tensor([float(self.stop.signum is not None)], device=self.device)
-        return all_reduce_sum(flag).item() > 0
+        return self.stop_votes > 0
 
     def run(self):
         cfg = self.cfg

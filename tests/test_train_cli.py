@@ -177,6 +177,37 @@ def test_ctrl_c_saves_at_the_step_boundary_and_resume_repeats_the_run(small_data
     assert losses(cut) == losses(tmp_path / "whole")  # bitwise, step for step
 
 
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of this rank."""
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}: {children}")
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(small_data, tmp_path):
+    """The ranks vote in the step's loss all-reduce: a SIGINT that reaches rank 1 alone still makes rank 0
+    save the checkpoint of the step where both stop."""
+    cut = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train.py", *map(str, TINY), "--data", str(small_data), "--max_steps", "40",
+                            "--total_batch_size", "256", "--out_dir", str(cut)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while run.poll() is None and time.time() < deadline and not (
+            (cut / "log.jsonl").exists() and (cut / "log.jsonl").read_text().count('"loss"') >= 2):
+        time.sleep(0.02)
+    os.kill(_worker_of_rank(run.pid, 1), signal.SIGINT)
+    out, err = run.communicate(timeout=120)  # ranks that disagree hang in their next collective
+    step = len(losses(cut))
+    assert 2 <= step < 40, (out[-2000:], err[-2000:])
+    assert f"interrupted at step {step}: saved {cut / f'ckpt_{step:06d}.pt'}" in err, err[-3000:]
+    assert [p.name for p in cut.glob("ckpt_*.pt")] == [f"ckpt_{step:06d}.pt"]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(small_data, tmp_path, capsys):
     args = ("--data", small_data, "--checkpoint_interval", 2)
     assert run_train(*args, "--out_dir", tmp_path / "whole", "--max_steps", 6) == 0
