@@ -60,9 +60,11 @@ def torch_gelu(x):
 
 
 def torch_cross_entropy(h, weight, targets, reduction="mean"):
-    """Cross-entropy of the logits h @ weight.T (softmax in fp32) against targets; -1 is ignored.
-    h (..., C), weight (V, C), targets h.shape[:-1] -> a 0-d loss, or losses shaped like targets ("none")."""
-    logits = (h @ weight.T).float()
+    """Cross-entropy of the logits h @ weight.T (softmax in fp32, or fp64 for fp64 inputs: the tests'
+    reference) against targets; -1 is ignored. h (..., C), weight (V, C), targets h.shape[:-1] -> a 0-d
+    loss, or losses shaped like targets ("none")."""
+    logits = h @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-1, reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
 

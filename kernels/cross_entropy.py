@@ -48,7 +48,6 @@ processed independently, so every output is deterministic. No label smoothing, n
 backward. Under torch.compile the chunk count is fixed at trace time: a new N means a new graph.
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op
@@ -283,7 +282,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# public function and the PyTorch reference
+# public function (its PyTorch reference is gpt2.ops.torch_cross_entropy)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
@@ -301,12 +300,3 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.compiler.is_compiling():
         return _linear_cross_entropy_op(*args)[0]
     return _LinearCrossEntropyFunction.apply(*args)
-
-
-def linear_cross_entropy_ref(h, weight, targets, reduction="mean", ignore_index=-1, upcast=True):
-    """The unfused op: the full logits, the softmax in fp32 (fp64 for fp64 inputs) if upcast, else in their dtype."""
-    logits = h @ weight.T
-    if upcast:
-        logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction=reduction)
-    return losses.view(targets.shape) if reduction == "none" else losses

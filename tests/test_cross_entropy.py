@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gpt2 import GPT, GPTConfig
 from gpt2.ops import torch_cross_entropy
 from kernels import cross_entropy as ce
-from kernels.cross_entropy import default_chunk_rows, linear_cross_entropy, linear_cross_entropy_ref
+from kernels.cross_entropy import default_chunk_rows, linear_cross_entropy
 from test_layernorm import assert_fair
 
 # (rows, V, C, dtype, reduction, chunk_rows): V 97 and 1000 fit one block, 5000 and 50304 take 2 and 13
@@ -55,8 +55,8 @@ def check(n_rows, n_cols, width, dtype, reduction, chunk_rows, device, ignored=0
     h, weight, targets = make_inputs(n_rows, n_cols, width, dtype, device, ignored)
     grad = output_grad(n_rows, reduction, device)
     got = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=chunk_rows)
-    same = run(linear_cross_entropy_ref, h, weight, targets, grad, reduction=reduction)
-    ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
+    same = run(torch_cross_entropy, h, weight, targets, grad, reduction=reduction)
+    ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
     assert_fair(["loss", "dh", "dweight"], got, same, ref, dtype)
     return got
 
@@ -72,7 +72,7 @@ def test_every_target_ignored(reduction, device, poison):
     h, weight, targets = make_inputs(7, 300, 16, torch.float32, device, ignored=1.0)
     grad = output_grad(7, reduction, device)
     got = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=3)
-    want = run(linear_cross_entropy_ref, h, weight, targets, grad, reduction=reduction)
+    want = run(torch_cross_entropy, h, weight, targets, grad, reduction=reduction)
     for name, g, w in zip(["loss", "dh", "dweight"], got, want):
         torch.testing.assert_close(g, w, equal_nan=True, msg=name)
     assert not got[1].any() and not got[2].any()
@@ -86,8 +86,8 @@ def test_fp16_gradients_wait_for_the_loss_scale(device, poison):
     h, weight, targets = make_inputs(130, 5000, 16, torch.float16, device, ignored=0.0, logit_std=4.0)
     grad = torch.tensor(65536.0, device=device)
     got = run(linear_cross_entropy, h, weight, targets, grad, chunk_rows=64)
-    same = run(linear_cross_entropy_ref, h, weight, targets, grad)
-    ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double())
+    same = run(torch_cross_entropy, h, weight, targets, grad)
+    ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double())
     for name, g, t, r in zip(["dh", "dweight"], got[1:], same[1:], ref[1:]):
         nonzero = r != 0
         err, torch_err = [((x.double() - r).abs() / r.abs())[nonzero].quantile(0.99).item() for x in (g, t)]
@@ -120,7 +120,7 @@ def test_autocast_dtypes(device, poison):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         got = run(linear_cross_entropy, h, weight, targets, grad, chunk_rows=10)
         same = run(torch_cross_entropy, h, weight, targets, grad)
-    ref = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, grad.double())
+    ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double())
     assert [t.dtype for t in got] == [torch.float32] * 3
     assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
 
@@ -132,14 +132,14 @@ def test_layouts(device, poison):
     h, targets = rows.view(2, 3, 6, 16)[:, :, 1:], tokens.view(2, 3, 6)[:, :, 1:]        # (2, 3, 5), strided
     got = run(linear_cross_entropy, h, weight, targets, torch.tensor(1.0, device=device), chunk_rows=4,
               reduction="none", grad_of_sum=True)
-    want = run(linear_cross_entropy_ref, h.double(), weight.double(), targets, torch.tensor(1.0, device=device),
+    want = run(torch_cross_entropy, h.double(), weight.double(), targets, torch.tensor(1.0, device=device),
                reduction="none", grad_of_sum=True)
     assert got[0].shape == (2, 3, 5) and got[0].dtype == torch.float32
     for name, g, w in zip(["losses", "dh", "dweight"], got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=name)
     every_other = tokens[::2]                                                            # 1-D, stride 2
     torch.testing.assert_close(linear_cross_entropy(rows[::2], weight, every_other, reduction="none"),
-                               linear_cross_entropy_ref(rows[::2], weight, every_other, reduction="none"))
+                               torch_cross_entropy(rows[::2], weight, every_other, reduction="none"))
     frozen = weight.detach()
     h_leaf = h.detach().requires_grad_()
     linear_cross_entropy(h_leaf, frozen, targets, reduction="none").sum().backward()
@@ -156,14 +156,14 @@ def test_no_grad_computes_no_gradients(device, monkeypatch):
     with torch.no_grad():
         loss = linear_cross_entropy(h, weight, targets, chunk_rows=10)
     assert seen == [None] and loss.grad_fn is None
-    torch.testing.assert_close(loss.double(), linear_cross_entropy_ref(h.detach().double(), weight.double(), targets))
+    torch.testing.assert_close(loss.double(), torch_cross_entropy(h.detach().double(), weight.double(), targets))
 
 
 def test_no_rows(device):
     h, weight, targets = make_inputs(0, 100, 8, torch.float32, device)
     for reduction in ("mean", "sum", "none"):
         got = linear_cross_entropy(h, weight, targets, reduction=reduction)
-        torch.testing.assert_close(got, linear_cross_entropy_ref(h, weight, targets, reduction=reduction), equal_nan=True)
+        torch.testing.assert_close(got, torch_cross_entropy(h, weight, targets, reduction=reduction), equal_nan=True)
 
 
 def test_compile_path_runs_the_same_launches(device, monkeypatch):
