@@ -144,7 +144,7 @@ def _identity(src, options) -> str:
 def _config_label(src, options) -> str:
     names = src.fn.arg_names
     constexprs = [f"{names[path[0]]}={value}" for path, value in sorted(src.constants.items())
-                  if names[path[0]].isupper() and not isinstance(value, str) or names[path[0]].startswith("BLOCK")]
+                  if not isinstance(value, str)]  # not PRECISION and other strings
     return " ".join(constexprs + [f"w{options.get('num_warps')}", f"s{options.get('num_stages')}"])
 
 

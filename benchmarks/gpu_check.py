@@ -169,9 +169,9 @@ def run_section(name, args, out_dir, smoke, timeout) -> dict:
     start = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        return {"section": name, "error": f"timed out after {timeout:.0f} s",
-                "stderr": (err.stderr or b"")[-3000:].decode(errors="replace") if isinstance(err.stderr, bytes) else ""}
+    except subprocess.TimeoutExpired as err:  # its output comes as bytes, text=True or not
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        return {"section": name, "error": f"timed out after {timeout:.0f} s", "stderr": stderr[-3000:]}
     record = {"section": name, "seconds": round(time.perf_counter() - start, 1)}
     last = (result.stdout.strip().splitlines() or [""])[-1]
     try:
