@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 _compiled = []  # (ASTSource, options) of every kernel compiled since install()
+_launches = None  # while recording: (kernel hash, grid, args) of every launch
 
 
 class _Utils:
@@ -65,14 +66,14 @@ class _StubDriver:
         return torch.cuda
 
     def launcher_cls(self, src, metadata):
-        return _no_launch
+        def launch(grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
+                   *args):
+            if _launches is not None:
+                _launches.append((metadata.hash, (grid_x, grid_y, grid_z), args))
+        return launch
 
     def get_benchmarker(self):
         raise RuntimeError("stub_gpu: nothing can be timed on a GPU that is not there")
-
-
-def _no_launch(*args, **kwargs):
-    return None
 
 
 def install(arch: int = 90) -> None:
@@ -82,6 +83,14 @@ def install(arch: int = 90) -> None:
     driver.set_active(_StubDriver(arch))
     _record_compilations()
     _first_config_only()
+
+
+def record_launches() -> list:
+    """From now on, every launch is appended to the list returned: (the compiled kernel's hash, the grid,
+    the arguments the launcher got, every parameter of the kernel in order)."""
+    global _launches
+    _launches = []
+    return _launches
 
 
 def compiled() -> list:

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import direct, traced
+from kernels.launch import cdiv, direct, next_power_of_2, traced
 
 __all__ = ["flash_attention"]
 
@@ -399,7 +399,7 @@ def _empty_bthd(like):
 def _tuning_bucket(T):
     """The autotuning key for T: the next power of two. Under torch.compile with dynamic shapes T is
     symbolic; it is then passed as is, rather than as a bit-twiddling expression of it."""
-    return triton.next_power_of_2(T) if isinstance(T, int) else T
+    return next_power_of_2(T) if isinstance(T, int) else T
 
 
 def _dot_precision(x):
@@ -431,7 +431,7 @@ def _forward(q, k, v, causal, sm_scale, launch):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
 
     def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        return (cdiv(T, meta["BLOCK_M"]), B * H)
 
     launch(_attn_fwd)[grid](
         q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
@@ -449,15 +449,15 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, launch):
     delta = torch.empty_like(lse)
     dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
     block_delta = 32 if _INTERPRET else 64
-    launch(_bwd_delta)[(triton.cdiv(T, block_delta), B * H)](
+    launch(_bwd_delta)[(cdiv(T, block_delta), B * H)](
         o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
     )
 
     def dkdv_grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+        return (cdiv(T, meta["BLOCK_N"]), B * H)
 
     def dq_grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        return (cdiv(T, meta["BLOCK_M"]), B * H)
 
     qk_scale = sm_scale * _LOG2E
     t_bucket = _tuning_bucket(T)

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, direct, traced
+from kernels.launch import autocast_dtype, cdiv, direct, next_power_of_2, traced
 
 __all__ = ["linear_cross_entropy"]
 
@@ -110,8 +110,8 @@ def default_chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
     """Rows a chunk, so that its (rows, n_cols) logits take at most CHUNK_BYTES, balanced over the chunks:
     16K rows of GPT-2 in bf16 go as 7 chunks of 2341 rows rather than 6 of 2668 and one of 376."""
     most = max(1, CHUNK_BYTES // (n_cols * dtype.itemsize))
-    n_chunks = max(1, triton.cdiv(n_rows, most))
-    return max(1, triton.cdiv(n_rows, n_chunks))
+    n_chunks = max(1, cdiv(n_rows, most))
+    return max(1, cdiv(n_rows, n_chunks))
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -126,7 +126,7 @@ def _launch_rows(logits, targets, loss, lse, scale, scale_stride, ignore_index, 
     """The kernel over the rows of one chunk: logits (M, V) contiguous, the rest sliced to the chunk.
     loss None: lse holds the rows' statistics already (a backward). scale None: no gradient."""
     n_rows, n_cols = logits.shape
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+    block_v = min(MAX_BLOCK_V, next_power_of_2(n_cols))
     has_lse, write_grad = loss is None, scale is not None
     launch(_cross_entropy_kernel)[(n_rows,)](
         logits, targets, lse if has_lse else loss, lse, scale if write_grad else lse,  # lse: an unused stand-in
@@ -159,22 +159,34 @@ def _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, 
     Returns losses (N,) fp32 (None when lse is given), lse (N,) fp32, dh (N, C) in h's dtype and dw (V, C)
     fp32, both None without scale."""
     n_rows, (n_cols, width) = h.shape[0], weight.shape
-    hc, wc = h.to(compute_dtype), weight.to(compute_dtype)  # once per call, not per chunk
+    hc, wc = _to(h, compute_dtype), _to(weight, compute_dtype)  # once per call, not per chunk
     has_lse, with_grads = lse is not None, scale is not None
     losses = None if has_lse else torch.empty(n_rows, dtype=torch.float32, device=h.device)
     lse = lse if has_lse else torch.empty(n_rows, dtype=torch.float32, device=h.device)
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if with_grads else None
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if with_grads else None
     dw = torch.zeros((n_cols, width), dtype=torch.float32, device=h.device) if with_grads else None
     per_row = with_grads and scale.shape[0] == n_rows and n_rows > 1
     for start in range(0, n_rows, chunk_rows):
-        rows = slice(start, min(n_rows, start + chunk_rows))
-        logits = hc[rows] @ wc.T                                                   # (M, V)
-        _launch_rows(logits, targets[rows], None if has_lse else losses[rows], lse[rows],
-                     (scale[rows] if per_row else scale) if with_grads else None, int(per_row), ignore_index, launch)
+        stop = min(n_rows, start + chunk_rows)
+        h_rows = _rows(hc, start, stop)
+        logits = h_rows @ wc.T                                                     # (M, V)
+        _launch_rows(logits, _rows(targets, start, stop), None if has_lse else _rows(losses, start, stop),
+                     _rows(lse, start, stop), (_rows(scale, start, stop) if per_row else scale) if with_grads else None,
+                     int(per_row), ignore_index, launch)
         if with_grads:                                                             # logits now hold dz
-            _mm_into(dh[rows], logits, wc)                                         # (M, C)
-            _accumulate(dw, logits.T, hc[rows])                                    # (V, C)
+            _mm_into(_rows(dh, start, stop), logits, wc)                           # (M, C)
+            _accumulate(dw, logits.T, h_rows)                                      # (V, C)
     return losses, lse, dh, dw
+
+
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """x[start:stop], without making a view of all of x (a few us of host time a call)."""
+    return x if start == 0 and stop == x.shape[0] else x[start:stop]
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), without its host cost when x has that dtype already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -200,7 +212,7 @@ def _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_gr
         loss = losses.sum() / _count_valid(flat_targets, ignore_index)
     if scale is None:
         return loss, lse, h.new_empty(0), weight.new_empty(0)
-    return loss, lse, dh.view(h.shape), dw.to(weight.dtype)
+    return loss, lse, dh.view(h.shape), _to(dw, weight.dtype)
 
 
 def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, launch):
@@ -209,7 +221,7 @@ def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chu
     flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
     _, _, dh, dw = _sweep(flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows, launch,
                           scale=scale, lse=lse)
-    return dh.view(h.shape), dw.to(weight.dtype)
+    return dh.view(h.shape), _to(dw, weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

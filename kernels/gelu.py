@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import direct, traced
+from kernels.launch import cdiv, direct, traced
 
 __all__ = ["gelu"]
 
@@ -58,11 +58,10 @@ def _gelu_bwd_kernel(X, DY, DX, n_elements, BLOCK: tl.constexpr):   # X, DY, DX:
 
 def _elementwise(kernel, out_like: torch.Tensor, inputs, launch) -> torch.Tensor:
     """Runs an elementwise kernel over contiguous copies of inputs; the result is shaped like out_like."""
-    out = torch.empty(out_like.shape, dtype=out_like.dtype, device=out_like.device)
+    out = torch.empty_like(out_like, memory_format=torch.contiguous_format)
     n = out.numel()
     if n > 0:
-        launch(kernel)[(triton.cdiv(n, BLOCK),)](*[t.contiguous() for t in inputs], out, n,
-                                                 BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(kernel)[(cdiv(n, BLOCK),)](*[t.contiguous() for t in inputs], out, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -103,7 +102,8 @@ class _GeluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _elementwise(_gelu_bwd_kernel, ctx.saved_tensors[0], (ctx.saved_tensors[0], dy), direct)
+        x, = ctx.saved_tensors
+        return _elementwise(_gelu_bwd_kernel, x, (x, dy), direct)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, direct, traced
+from kernels.launch import autocast_dtype, cdiv, direct, traced
 from kernels.rowwise import persistent_programs, row_config
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -136,14 +136,14 @@ def _forward(x, delta, weight, bias, eps, out_dtype, launch):
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     s_dtype = torch.promote_types(x.dtype, delta.dtype) if has_delta else x.dtype
-    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+    y = torch.empty_like(x, dtype=out_dtype or s_dtype)
     stats = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)
     # without delta, x and y stand in for delta and s: HAS_DELTA=False never touches them
     delta = delta.contiguous() if has_delta else x
-    s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if has_delta else y
+    s = torch.empty_like(x, dtype=s_dtype) if has_delta else y
     if n_rows > 0:
         cfg = row_config(n_cols)
-        launch(_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg.block_m),)](
+        launch(_layer_norm_fwd_kernel)[(cdiv(n_rows, cfg.block_m),)](
             x, delta, s, y, weight, bias if bias is not None else weight, stats, n_rows, n_cols, eps,
             HAS_DELTA=has_delta, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -155,16 +155,16 @@ def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
     """Returns dx, ddelta and (dweight, dbias) stacked as (2, C) in weight's dtype; x is the normalized
     input (s when fused). ddelta is dx in delta_dtype, written by the kernel when that differs from
     x's dtype (fp32 residual, bf16 sublayer output: one 2-byte write instead of a cast kernel's read
-    and write), else an empty tensor. dbias is computed whether or not there is a bias: one more fp32
+    and write), else None. dbias is computed whether or not there is a bias: one more fp32
     accumulator, no extra traffic."""
     has_ds = ds is not None
     x, dy = x.contiguous(), dy.contiguous()
     ds = ds.contiguous() if has_ds else dy  # a placeholder when HAS_DS is off
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x)
     has_ddelta = delta_dtype is not None and delta_dtype != x.dtype
-    ddelta = torch.empty(x.shape if has_ddelta else (0,), dtype=delta_dtype or x.dtype, device=x.device)
+    ddelta = torch.empty_like(x, dtype=delta_dtype) if has_ddelta else None
     cfg = row_config(n_cols)
     programs = persistent_programs(x.device)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
@@ -172,7 +172,8 @@ def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
         x, dy, ds, dx, ddelta if has_ddelta else dx, weight, stats, partial, n_rows, n_cols,
         HAS_DS=has_ds, HAS_DDELTA=has_ddelta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )
-    return dx, ddelta, partial.sum(1).to(weight.dtype)
+    dweight_dbias = partial.sum(1)
+    return dx, ddelta, dweight_dbias if weight.dtype == torch.float32 else dweight_dbias.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +192,11 @@ def _gradients(ctx, ds, dy, backward):
                                            ctx.delta_dtype)
     if ctx.delta_dtype is None:
         ddelta = None
-    elif ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
+    elif ddelta is None or ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
         ddelta = dsum
     dbias = dweight_dbias[1] if ctx.has_bias else None  # indexed, not unpacked: iterating a tensor is slow
-    return dsum.to(ctx.x_dtype), ddelta, dweight_dbias[0], dbias
+    dx = dsum if dsum.dtype == ctx.x_dtype else dsum.to(ctx.x_dtype)
+    return dx, ddelta, dweight_dbias[0], dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +220,10 @@ def _add_layer_norm_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
 def _layer_norm_bwd_op(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                        stats: torch.Tensor, delta_dtype: torch.dtype | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # a custom op's outputs may not alias one another, so dweight and dbias leave as one (2, C) tensor
-    return _backward(dy, ds, x, weight, stats, delta_dtype, traced)
+    # a custom op's outputs may not alias one another, so dweight and dbias leave as one (2, C) tensor,
+    # and returns tensors: a ddelta that dx stands for is an empty one
+    dx, ddelta, dweight_dbias = _backward(dy, ds, x, weight, stats, delta_dtype, traced)
+    return dx, x.new_empty((0,)) if ddelta is None else ddelta, dweight_dbias
 
 
 def _layer_norm_op_setup(ctx, inputs, output):

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
+from kernels.launch import next_power_of_2
 
 MAX_COLS = 16384
 TILE_ELEMENTS = 2048   # elements a program keeps per live tensor: short rows are packed BLOCK_M at a time
@@ -37,7 +37,7 @@ def row_config(n_cols: int) -> RowConfig:
 def _row_config(n_cols: int) -> RowConfig:  # cached: it is on the host path of every call
     if n_cols > MAX_COLS:
         raise ValueError(f"row-wise kernels take rows of at most {MAX_COLS} elements, got {n_cols}")
-    block_n = triton.next_power_of_2(max(n_cols, 1))
+    block_n = next_power_of_2(max(n_cols, 1))
     block_m = max(1, TILE_ELEMENTS // block_n)
     # 16 elements a thread per live tensor, in 2048-element tiles (2 rows of C = 768 on 4 warps). Compiled
     # for sm_90 with the model's dtypes (benchmarks/compiled_kernels.py; C = 768, fp32 x, bf16 y): the
