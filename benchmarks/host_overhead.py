@@ -8,7 +8,8 @@ Triton's launch) takes longer than its kernel's GPU time, eager training waits o
 GPU run measured 300 to 500 us of CPU per call of our ops, tens of us per aten op. This measures the
 host path alone, on any machine: the tensors are tiny CPU tensors, so the PyTorch ops' own compute
 is negligible, and our kernels go through Triton's real launch path via stub_gpu (compiled for sm_90,
-never launched). What a GPU adds on both sides (the CUDA launch, the caching allocator) is not here.
+never launched): the eager path's `kernels.launch.direct`, down to the compiled kernel's launcher call.
+What a GPU adds on both sides (the CUDA launch, the caching allocator) is not here.
 
 Each case is timed in thread CPU time (other processes on the machine do not count), PyTorch and ours
 alternating over several rounds; the table gives the median microseconds per call and ours / PyTorch.

@@ -194,9 +194,9 @@ def _gradients(ctx, ds, dy, backward):
         ddelta = None
     elif ddelta is None or ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
         ddelta = dsum
-    dbias = dweight_dbias[1] if ctx.has_bias else None  # indexed, not unpacked: iterating a tensor is slow
+    dweight, dbias = dweight_dbias.unbind()  # one call; unpacking the tensor itself would iterate it, slowly
     dx = dsum if dsum.dtype == ctx.x_dtype else dsum.to(ctx.x_dtype)
-    return dx, ddelta, dweight_dbias[0], dbias
+    return dx, ddelta, dweight, dbias if ctx.has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------
