@@ -263,9 +263,14 @@ def environment(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    here = pathlib.Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+                                cwd=here).stdout.strip() or None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here).stdout.strip()
+        if commit and changed:  # what ran is not what the commit holds
+            commit += " + uncommitted changes"
     except OSError:
         commit = None
     return {
