@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import direct
+
 __all__ = ["FusedAdamW"]
 
 BLOCK = 4096       # elements per program
@@ -213,9 +215,9 @@ class _Tables:
         """kernel over the full blocks (unmasked), then over the partial ones."""
         for first, count, masked in ((0, self.n_full, False), (self.n_full, self.n_tail, True)):
             if count:
-                kernel[(count,)](self.table, self.block_tensor, self.block_index, first, *args,
-                                 MASKED=masked, ALIGNED=self.aligned, BLOCK=BLOCK,
-                                 num_warps=NUM_WARPS, **meta)
+                direct(kernel)[(count,)](self.table, self.block_tensor, self.block_index, first, *args,
+                                         MASKED=masked, ALIGNED=self.aligned, BLOCK=BLOCK,
+                                         num_warps=NUM_WARPS, **meta)
 
 
 class _GroupTables:
