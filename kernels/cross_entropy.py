@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, direct, next_power_of_2, traced
+from kernels.launch import autocast_dtype, cdiv, direct, next_power_of_2, to_dtype, traced
 
 __all__ = ["linear_cross_entropy"]
 
@@ -159,7 +159,7 @@ def _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, 
     Returns losses (N,) fp32 (None when lse is given), lse (N,) fp32, dh (N, C) in h's dtype and dw (V, C)
     fp32, both None without scale."""
     n_rows, (n_cols, width) = h.shape[0], weight.shape
-    hc, wc = _to(h, compute_dtype), _to(weight, compute_dtype)  # once per call, not per chunk
+    hc, wc = to_dtype(h, compute_dtype), to_dtype(weight, compute_dtype)  # once per call, not per chunk
     has_lse, with_grads = lse is not None, scale is not None
     losses = None if has_lse else torch.empty(n_rows, dtype=torch.float32, device=h.device)
     lse = lse if has_lse else torch.empty(n_rows, dtype=torch.float32, device=h.device)
@@ -182,11 +182,6 @@ def _sweep(h, weight, targets, ignore_index, compute_dtype, chunk_rows, launch, 
 def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """x[start:stop], without making a view of all of x (a few us of host time a call)."""
     return x if start == 0 and stop == x.shape[0] else x[start:stop]
-
-
-def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x.to(dtype), without its host cost when x has that dtype already."""
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -212,7 +207,7 @@ def _forward(h, weight, targets, ignore_index, reduction, compute_dtype, with_gr
         loss = losses.sum() / _count_valid(flat_targets, ignore_index)
     if scale is None:
         return loss, lse, h.new_empty(0), weight.new_empty(0)
-    return loss, lse, dh.view(h.shape), _to(dw, weight.dtype)
+    return loss, lse, dh.view(h.shape), to_dtype(dw, weight.dtype)
 
 
 def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chunk_rows, launch):
@@ -221,7 +216,7 @@ def _backward(dlosses, h, weight, targets, lse, ignore_index, compute_dtype, chu
     flat_h, flat_targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1).contiguous()
     _, _, dh, dw = _sweep(flat_h, weight, flat_targets, ignore_index, compute_dtype, chunk_rows, launch,
                           scale=scale, lse=lse)
-    return dh.view(h.shape), _to(dw, weight.dtype)
+    return dh.view(h.shape), to_dtype(dw, weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ The public function picks the path with `torch.compiler.is_compiling()`; tests r
 
 `direct` launches a kernel as `kernel[grid](...)` does, but binds its arguments once per
 specialization instead of on every call. Triton's `JITFunction.run` binds every argument, builds a
-cache key string, reads its knobs and fetches launch metadata at each launch: about 15 us of host time
+cache key string, reads its knobs and fetches launch metadata at each launch: about 20 us of host time
 on a slow CPU, more than the whole aten op it stands in for. `DirectLauncher` keys its own cache on what
 Triton specializes on (each tensor's dtype and 16-byte alignment, each int's range, divisibility by 16
 and equality to 1, each constant's value), lets Triton bind, compile and launch the first call of a key,
@@ -109,6 +109,11 @@ def direct(kernel):
 def cdiv(a, b):
     """ceil(a / b) on the host: triton.cdiv is a ConstexprFunction in Triton 3.9, 5 us a call."""
     return -(-a // b)
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), without its few us of host time when x has that dtype already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def next_power_of_2(n: int) -> int:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, direct, traced
+from kernels.launch import autocast_dtype, cdiv, direct, to_dtype, traced
 from kernels.rowwise import persistent_programs, row_config
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -172,8 +172,7 @@ def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
         x, dy, ds, dx, ddelta if has_ddelta else dx, weight, stats, partial, n_rows, n_cols,
         HAS_DS=has_ds, HAS_DDELTA=has_ddelta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
     )
-    dweight_dbias = partial.sum(1)
-    return dx, ddelta, dweight_dbias if weight.dtype == torch.float32 else dweight_dbias.to(weight.dtype)
+    return dx, ddelta, to_dtype(partial.sum(1), weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +194,7 @@ def _gradients(ctx, ds, dy, backward):
     elif ddelta is None or ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
         ddelta = dsum
     dweight, dbias = dweight_dbias.unbind()  # one call; unpacking the tensor itself would iterate it, slowly
-    dx = dsum if dsum.dtype == ctx.x_dtype else dsum.to(ctx.x_dtype)
-    return dx, ddelta, dweight, dbias if ctx.has_bias else None
+    return to_dtype(dsum, ctx.x_dtype), ddelta, dweight, dbias if ctx.has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------
