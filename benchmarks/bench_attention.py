@@ -10,6 +10,7 @@ matmuls instead of two), full = 3.5x.
 
 Providers:
     triton               kernels.attention.flash_attention
+    triton-atomic        the same with deterministic=False: the backward adds dq up with fp32 atomics
     torch                F.scaled_dot_product_attention, backend left to PyTorch (what --kernels=torch runs)
     torch-flash          SDPA forced to one backend with torch.nn.attention.sdpa_kernel; a backend the
     torch-cudnn          machine lacks raises, and the harness records n/a
@@ -51,6 +52,10 @@ def triton_attention(q, k, v):
     return flash_attention(q, k, v, causal=True)
 
 
+def triton_attention_atomic(q, k, v):
+    return flash_attention(q, k, v, causal=True, deterministic=False)
+
+
 def sdpa_forced(backend):
     def attention(q, k, v):
         if q.device.type != "cuda":  # smoke pass: nothing is timed, and these backends are CUDA-only
@@ -85,6 +90,7 @@ BENCHMARKS = [
         make_inputs=make_inputs,
         providers={
             "triton": triton_attention,
+            "triton-atomic": triton_attention_atomic,
             "torch": torch_attention,
             "torch-flash": sdpa_forced(SDPBackend.FLASH_ATTENTION),
             "torch-cudnn": sdpa_forced(SDPBackend.CUDNN_ATTENTION),

@@ -10,6 +10,8 @@ tokens. Providers:
                               torch+compile is the baseline every speedup is against
     triton, triton+compile    every op on our kernels
     <op>+compile              one kernel on Triton, the rest on PyTorch, compiled: what each kernel buys
+    triton+compile+atomic     triton+compile with --no-deterministic: attention's backward adds dq up with
+                              atomics (5 matmuls per block pair instead of 7)
 
 Work is the training FLOPs, (6N + 6·L·C·T) per token, so TFLOP/s over the measured bf16 matmul ceiling
 and over the datasheet peak is the MFU; tokens/s and peak memory come with it. Each provider is
@@ -19,7 +21,7 @@ five seconds (median of the steps).
 import torch
 
 from gpt2.model import GPT, GPTConfig
-from gpt2.ops import OP_NAMES
+from gpt2.ops import OP_NAMES, resolve
 from gpt2.trainer import accumulate_gradients, clip_and_step
 from harness import StepBench
 
@@ -29,10 +31,10 @@ MODELS = {
 }
 
 
-def train_step(kernels: str, compile_model: bool):
+def train_step(kernels: str, compile_model: bool, deterministic: bool = True):
     def factory(config, device, dtype):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**MODELS[config["model"]], kernels=kernels)).to(device)
+        model = GPT(GPTConfig(**MODELS[config["model"]]), resolve(kernels, device, deterministic)).to(device)
         optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
         runnable = torch.compile(model) if compile_model else model
         scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -66,6 +68,7 @@ PROVIDERS = {
     "torch+compile": train_step("torch", True),
     "triton": train_step("triton", False),
     "triton+compile": train_step("triton", True),
+    "triton+compile+atomic": train_step("triton", True, deterministic=False),
     **{f"{op}+compile": train_step(op, True) for op in OP_NAMES},
 }
 

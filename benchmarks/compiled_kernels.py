@@ -9,7 +9,7 @@ torch.compile would type its arguments: registers, spills, shared memory, tensor
 No GPU is needed: Triton ships ptxas. stub_gpu runs one training step of a small GPT (every op on
 Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64, vocabulary 50304) through Triton's real launch path, then
 its forward and backward under torch.compile(fullgraph=True) (which must trace without a graph break),
-and records each kernel compiled. Each is then compiled again per target, with its float scalars typed fp64 and its integers
+then attention with its atomic backward (deterministic=False) both ways, and records each kernel compiled. Each is then compiled again per target, with its float scalars typed fp64 and its integers
 i64, the way torch.compile's inductor hands Python scalars to user kernels: a kernel must compute the
 same fp32 math whatever width its scalars arrive in (fp64 arithmetic runs at 1/64 of the fp32 rate on
 most GPUs, and an fp64 accumulator crashed tl.dot outright). The PTX is scanned for fp64 arithmetic
@@ -17,6 +17,7 @@ most GPUs, and an fp64 accumulator crashed tl.dot outright). The PTX is scanned 
 (spills). Autotuning candidates that spill cannot win and should not be tuned.
 """
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -62,11 +63,23 @@ def record_step() -> list:
     accumulate_gradients(model, batches, device, "bfloat16", scaler)
     clip_and_step(optimizer, model, 1.0, scaler)
     accumulate_gradients(torch.compile(model, backend="aot_eager", fullgraph=True), batches, device, "bfloat16", scaler)
+    record_atomic_attention()
     unique = {}
     for src, options in stub_gpu.compiled():
         options = {key: options[key] for key in LAUNCH_OPTIONS if key in options}
         unique.setdefault(_identity(src, options), (src, options))
     return list(unique.values())
+
+
+def record_atomic_attention() -> None:
+    """Attention with deterministic=False (train.py --no-deterministic), at the same widths: the dk/dv
+    kernel that adds dq up with atomics, eager and traced by torch.compile(fullgraph=True)."""
+    from kernels.attention import flash_attention
+
+    q, k, v = (torch.randn(2, 12, 64, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    attention = functools.partial(flash_attention, deterministic=False)
+    for run in (attention, torch.compile(attention, backend="aot_eager", fullgraph=True)):
+        run(q, k, v).sum().backward()
 
 
 def autotuning_candidates(src, options) -> list:
@@ -116,7 +129,9 @@ def compile_and_inspect(src, options, arch: int) -> dict:
     ptx = compiled.asm["ptx"]
     row["fp64_math"] = [line.strip() for line in _FP64_MATH.findall(ptx)][:5]
     row["fp64_count"] = len(_FP64_MATH.findall(ptx))
-    row["wgmma"] = "wgmma" in ptx
+    row["wgmma"] = len(re.findall(r"\bwgmma\.mma_async", ptx))    # Hopper's tensor-core instruction
+    row["mma_sync"] = len(re.findall(r"\bmma\.sync", ptx))       # Ampere's: on sm_90, the slower fallback
+    row["atomics"] = len(re.findall(r"^\s*(?:@!?%p\d+\s+)?(?:red|atom)\.", ptx, re.MULTILINE))
     row["tma"] = "cp.async.bulk.tensor" in ptx
     row["shared_KB"] = round(compiled.metadata.shared / 1024, 1)
     row.update(_resource_usage(compiled.asm["cubin"]))
@@ -179,12 +194,13 @@ def report(with_configs: bool) -> list:
 
 
 def markdown(rows) -> str:
-    lines = ["| kernel | config | target | scalars | regs | spill B | smem KB | wgmma | fp64 ops | problems |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | config | target | scalars | regs | spill B | smem KB | wgmma | mma.sync | atomics | fp64 ops "
+             "| problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         config = ("candidate " if r.get("candidate") else "") + r["config"]
+        counts = " | ".join(str(r.get(key) or "") for key in ("wgmma", "mma_sync", "atomics"))
         lines.append(f"| {r['kernel']} | {config} | {r['target']} | {r['types']} | {r.get('registers', '')} | "
-                     f"{r.get('spill_bytes', '')} | {r.get('shared_KB', '')} | {'yes' if r.get('wgmma') else ''} | "
+                     f"{r.get('spill_bytes', '')} | {r.get('shared_KB', '')} | {counts} | "
                      f"{r.get('fp64_count', '')} | {'; '.join(problems(r))} |")
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ is written, in gpu_check.md (tables) and gpu_check.json, as each section ends:
              and the seconds to the first step (compilation and autotuning included)
   kernels    every kernel benchmark at GPT-2 124M shapes (one or two configs each, benchmarks/run.py's
              tables and plots)
-  step B=64  the four providers again at the micro-batch of GPT-2 124M's real run
+  step B=64  the four providers again at the micro-batch of GPT-2 124M's real run, and triton+compile
+             with attention's atomic dq backward (--no-deterministic)
   ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
   restart    triton+compile and torch+compile again in a new process: the start-up with warm caches
              (compiled kernels, tuning results), the second start of a run or a second rank
@@ -32,6 +33,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
 CORE = ("torch", "torch+compile", "triton", "triton+compile")
+ATOMIC = "triton+compile+atomic"
 
 
 def sections(smoke: bool) -> list:
@@ -45,7 +47,7 @@ def sections(smoke: bool) -> list:
         ("tests", 90, 180, ["tests"]),
         ("step B=16", 150, 240, ["steps", str(batch), *core]),
         ("kernels", 60, 120, ["kernels"]),
-        ("step B=64", 120, 180, ["steps", str(batch if smoke else 64), *core]),
+        ("step B=64", 150, 210, ["steps", str(batch if smoke else 64), *core, *([] if smoke else [ATOMIC])]),
         ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
         ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
     ]

@@ -38,6 +38,10 @@ class TrainConfig:
     dtype: str | None = option(None, "autocast dtype; none given: bfloat16 on CUDA, float32 elsewhere",
                                choices=tuple(DTYPES))
     compile: bool | None = option(None, "torch.compile the model; none given: on for CUDA")
+    deterministic: bool = option(True, "bitwise reproducible Triton kernels; --no-deterministic: attention's "
+                                       "backward adds dq up with atomics, two of its seven matmuls fewer, and "
+                                       "dq may differ run to run in the last bits (PyTorch's flash SDPA does "
+                                       "the same)")
     init_from: str | None = option(None, "fine-tune from HF weights: gpt2 | gpt2-medium | ... | a local dir",
                                     metavar="NAME")
     n_layer: int = option(12, "transformer blocks", check="positive")
@@ -153,7 +157,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help = f"{f.metadata['help']}{_preset_values(f.name)}"
         if f.name == "preset":
             parser.add_argument("--preset", default="shakespeare", choices=list(PRESETS), help=help)
-        elif kind is bool and f.default is None:
+        elif kind is bool and f.default is not False:  # on by default, or by the device: --no-<field> too
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind is bool:
             parser.add_argument(f"--{f.name}", action="store_true", default=None, help=help)

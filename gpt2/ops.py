@@ -8,6 +8,7 @@ that one entry (docs/adding-a-kernel.md says how to add one).
     ops = resolve("triton")                 # every op on our Triton kernels
     ops = resolve("attention,gelu")         # these on Triton, the rest on PyTorch
     ops = resolve("auto", device)           # triton on CUDA, torch elsewhere
+    ops = resolve("triton", deterministic=False)  # and the faster variants that are not bitwise reproducible
     y = ops.gelu(x)                         # an op set has one attribute per op, named as in OPS
 
 A script resolves --kernels once and hands the op set to the model (GPT(config, ops)); the model
@@ -16,10 +17,11 @@ installed) is an error, never a silent fallback to PyTorch: a benchmark that sil
 PyTorch would be a lie. Without a CUDA device the Triton kernels run in the Triton interpreter on
 CPU tensors: slow, meant for checking, and the op set says so (`interpreted`).
 """
+import functools
 import importlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +38,9 @@ class Op:
     torch: Any       # PyTorch's implementation: the default, and what the Triton one must agree with
     triton: str      # "module:attribute" of the Triton implementation, imported only when chosen
     summary: str     # what it computes, for --help texts and docs
+    # keyword arguments of the Triton implementation that buy speed with run-to-run differences in the
+    # last bits (atomics): used when the op set is resolved with deterministic=False
+    nondeterministic: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +79,8 @@ def torch_cross_entropy(h, weight, targets, reduction="mean"):
 
 OPS = (
     Op("attention", torch_attention, "kernels.attention:flash_attention",
-       "(q, k, v), each (B, H, T, D) -> causal softmax attention (B, H, T, D)"),
+       "(q, k, v), each (B, H, T, D) -> causal softmax attention (B, H, T, D)",
+       nondeterministic={"deterministic": False}),
     Op("layernorm", torch_layernorm, "kernels.layernorm:add_layer_norm",
        "(x, delta | None, weight, bias, eps) -> (x + delta, LayerNorm(x + delta))"),
     Op("gelu", torch_gelu, "kernels.gelu:gelu",
@@ -91,10 +97,12 @@ _BY_NAME = {op.name: op for op in OPS}
 class OpSet:
     """One implementation per op of OPS, as attributes named after the ops."""
 
-    def __init__(self, implementations: dict, on_triton: frozenset, interpreted: bool = False):
+    def __init__(self, implementations: dict, on_triton: frozenset, interpreted: bool = False,
+                 deterministic: bool = True):
         self.__dict__.update(implementations)
         self.on_triton = on_triton          # names of the ops that run on Triton
         self.interpreted = interpreted      # those run in the Triton interpreter (no CUDA device)
+        self.deterministic = deterministic  # False: the Triton ops' atomic variants, where they have one
 
     @property
     def spec(self) -> str:
@@ -106,7 +114,8 @@ class OpSet:
         return ",".join(name for name in OP_NAMES if name in self.on_triton)
 
     def __repr__(self) -> str:
-        return f"OpSet({self.spec!r}{', interpreted' if self.interpreted else ''})"
+        flags = (", interpreted" if self.interpreted else "") + ("" if self.deterministic else ", nondeterministic")
+        return f"OpSet({self.spec!r}{flags})"
 
 
 def parse(spec: str, device=None) -> frozenset:
@@ -128,19 +137,20 @@ def parse(spec: str, device=None) -> frozenset:
     return frozenset(names)
 
 
-def resolve(spec, device=None) -> OpSet:
+def resolve(spec, device=None, deterministic: bool = True) -> OpSet:
     """The op set for a --kernels value (an OpSet passes through unchanged); see the module docstring.
 
     device: where the model will run (None: the machine's default). Triton ops off CUDA run in the
-    Triton interpreter."""
+    Triton interpreter. deterministic=False: the Triton ops that have a faster variant whose results
+    can differ run to run in the last bits (attention's backward, adding dq up with atomics) use it."""
     if isinstance(spec, OpSet):
         return spec
     on_triton = parse(spec, device)
     interpreted = bool(on_triton) and not _is_cuda(device)
     if interpreted:
         _use_interpreter()
-    chosen = {op.name: _load_triton(op) if op.name in on_triton else op.torch for op in OPS}
-    return OpSet(chosen, on_triton, interpreted)
+    chosen = {op.name: _load_triton(op, deterministic) if op.name in on_triton else op.torch for op in OPS}
+    return OpSet(chosen, on_triton, interpreted, deterministic)
 
 
 def _is_cuda(device) -> bool:
@@ -160,7 +170,7 @@ def _use_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def _load_triton(op: Op):
+def _load_triton(op: Op, deterministic: bool = True):
     module_name, attribute = op.triton.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -176,4 +186,7 @@ def _load_triton(op: Op):
             f"the Triton kernel '{op.name}' is not implemented yet ({module_name.replace('.', '/')}.py "
             f"is missing): leave '{op.name}' out of --kernels, e.g. --kernels=torch"
         ) from None
-    return getattr(module, attribute)
+    implementation = getattr(module, attribute)
+    if op.nondeterministic and not deterministic:
+        return functools.partial(implementation, **op.nondeterministic)
+    return implementation

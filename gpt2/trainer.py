@@ -185,7 +185,7 @@ class Run:
         self.cfg, self.ddp, self.device = cfg, ddp, device
         self.dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        self.ops = ops_module.resolve(cfg.kernels, device)
+        self.ops = ops_module.resolve(cfg.kernels, device, cfg.deterministic)
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE
@@ -502,6 +502,7 @@ class Run:
         cfg = self.cfg
         self.start_outputs()
         interpreted = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
+        interpreted += "" if self.ops.deterministic else " nondeterministic"
         self.print(f"kernels={self.ops.spec}{interpreted} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")

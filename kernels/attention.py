@@ -21,7 +21,15 @@ Backward, with P = exp2(S log2 e - LSE) recomputed block by block from Q, K and 
 dK and dV are accumulated by one program per key block (looping over query blocks), dQ by another
 kernel with one program per query block (looping over key blocks). Every gradient element is
 written by exactly one program, with no atomics, so dq, dk and dv are bitwise deterministic (for
-the block sizes the autotuner chose in this process); the price is computing P and dP twice.
+the block sizes the autotuner chose in this process); the price is computing P and dP twice: seven
+matmuls per (query block, key block) pair.
+
+deterministic=False (opt-in; train.py --no-deterministic) trades that for speed as FlashAttention-2
+does: the dk/dv programs also compute each pair's share of dQ (a fifth matmul, as dQ^T = K^T dS^T
+so that its M is the head dim, a Hopper wgmma shape) and add it into an fp32 buffer
+with relaxed atomics; the delta pass zeroes that buffer, a cast gives dq its dtype, and the dq kernel
+is skipped. Five matmuls per pair instead of seven; dq's additions arrive in any order, so its last
+bits can differ run to run (dk and dv stay bitwise reproducible).
 
 Causal blocks above the diagonal are never visited (loop bounds). Blocks that are entirely below
 the diagonal and inside T run unmasked; only the diagonal blocks and the ragged last block of T
@@ -34,9 +42,10 @@ the model's `y.transpose(1, 2).contiguous()` costs nothing.
 
 Design limits: self-attention only (q, k, v share B, H, T); head dim a power of two from 16 to 128;
 fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products, meant for
-checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each. Block sizes are
-autotuned per (T rounded up to a power of two, D, causal, dtype): generation, where T grows by one
-per token, tunes once per octave of T, not once per token.
+checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each,
+and for the atomic backward the fp32 dq, B*H*T*D. Block sizes are autotuned per (T rounded up to a
+power of two, D, causal, dtype): generation, where T grows by one per token, tunes once per octave of
+T, not once per token.
 """
 import inspect
 import math
@@ -93,6 +102,10 @@ _DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4, 3), (64, 64, 4, 3), (1
                        (32, 16))
 _DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
                          (32, 16))
+# dk/dv with the atomic dq (deterministic=False), the same way: 128 x 64 spills there, 64 x 64 on 4 warps is at
+# the cap, and the default (first) is the one that fits D = 128 without spilling (249 registers).
+_DKDV_DQ_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+                            (32, 16))
 # tuning results are kept on disk (Triton's cache), so that a restarted run does not tune again
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _AUTOTUNE = dict(key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], **_CACHE_RESULTS)  # the autotuner adds the dtypes
@@ -209,11 +222,13 @@ def _attn_fwd(
 
 @triton.jit
 def _bwd_delta(
-    O, DO, DELTA,                                      # o, do: (B, H, T, D) strided; DELTA: (B, H, T) fp32
+    O, DO, DELTA, DQ_ACC,                              # o, do: (B, H, T, D) strided; DELTA: (B, H, T) fp32
     stride_ob, stride_oh, stride_ot,
     stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,                # DQ_ACC: (B, H, T, D) fp32, zeroed when ZERO_DQ
     H, T,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    ZERO_DQ: tl.constexpr,                             # the atomic backward's dq accumulator starts here
 ):
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -227,14 +242,19 @@ def _bwd_delta(
                  mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    if ZERO_DQ:  # this pass visits every row anyway: no memset launch of its own
+        dq_ptrs = DQ_ACC + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=rows)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, T, qk_scale,
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi, T,
+                qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr,
-                KEY_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+                KEY_BOUNDS: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Adds the contributions of query blocks [lo, hi) to one key block's dk, dv (transposed view:
-    rows are keys, columns queries). Q, DO, LSE, DELTA point at this (batch, head).
+    rows are keys, columns queries), and with ATOMIC_DQ this key block's share of each query block's dq
+    to the fp32 DQ_ACC. Q, DO, LSE, DELTA, DQ_ACC point at this (batch, head).
     KEY_BOUNDS zeroes P for the keys past T (zero rows of k):
     those rows are never stored, but exp2(-LSE) can overflow there. In the causal case the causal
     mask already covers them."""
@@ -262,22 +282,31 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, 
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # the fifth matmul of the block pair, where the dq kernel would redo the first two
+            # as dq^T = k^T ds^T: its M is the head dim (64), a wgmma shape, where BLOCK_M rows may be too few
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION) * sm_scale   # (HEAD_DIM, BLOCK_M)
+            dq_ptrs = DQ_ACC + offs_m[None, :] * stride_dqt + offs_d[:, None]
+            # relaxed: the adds only need to be atomic, not ordered (the default acq_rel fences each)
+            if BOUNDS:
+                tl.atomic_add(dq_ptrs, dq_t, mask=rows[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, **_AUTOTUNE)
-@triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,                   # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
+    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,           # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,                # dk and dv share one layout
+    stride_dqb, stride_dqh, stride_dqt,                # DQ_ACC: fp32 (B, H, T, D), zeroed; read only if ATOMIC_DQ
     H, T, T_BUCKET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
+    ATOMIC_DQ: tl.constexpr,                           # also add dq into DQ_ACC (the dq kernel is skipped)
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,      # keys per program, queries per step
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -299,25 +328,35 @@ def _attn_bwd_dkdv(
     DO_bh = DO + off_b * stride_dob + off_h * stride_doh
     LSE_bh = LSE + off_bh.to(tl.int64) * T
     DELTA_bh = DELTA + off_bh.to(tl.int64) * T
+    DQ_bh = DQ_ACC + off_b * stride_dqb + off_h * stride_dqh
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     t_whole = T // BLOCK_M * BLOCK_M
     if CAUSAL:  # the diagonal block (masked), then the query blocks below it; none above
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
-                             start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, True, False, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qt, stride_dot, stride_dqt,
+                             offs_n, start_n, tl.minimum(start_n + BLOCK_N, T), T, qk_scale, sm_scale,
+                             HEAD_DIM, BLOCK_M, True, True, False, PRECISION, ATOMIC_DQ)
         lo = start_n + BLOCK_N
     else:
         lo = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
-                         lo, t_whole, T, qk_scale, HEAD_DIM, BLOCK_M, False, False, not CAUSAL, PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, stride_qt, stride_dot, offs_n,
-                         tl.maximum(lo, t_whole), T, T, qk_scale, HEAD_DIM, BLOCK_M, False, True, not CAUSAL, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qt, stride_dot, stride_dqt,
+                         offs_n, lo, t_whole, T, qk_scale, sm_scale,
+                         HEAD_DIM, BLOCK_M, False, False, not CAUSAL, PRECISION, ATOMIC_DQ)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, stride_qt, stride_dot, stride_dqt,
+                         offs_n, tl.maximum(lo, t_whole), T, T, qk_scale, sm_scale,
+                         HEAD_DIM, BLOCK_M, False, True, not CAUSAL, PRECISION, ATOMIC_DQ)
 
     out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
+
+
+# Two kernels of one source, each with its own autotuner: the atomic one holds a dq tile more, so other
+# tiles fit it, and it adds into DQ_ACC, which every config tried while tuning must find zeroed.
+_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, **_AUTOTUNE)(triton.jit(_attn_bwd_dkdv))
+_dkdv_dq_kernel = triton.autotune(configs=_DKDV_DQ_CONFIGS, reset_to_zero=["DQ_ACC"], **_AUTOTUNE)(
+    triton.jit(_attn_bwd_dkdv))
 
 
 @triton.jit
@@ -390,10 +429,10 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _empty_bthd(like):
+def _empty_bthd(like, dtype=None):
     """A (B, H, T, D) tensor whose memory is laid out (B, T, H, D), as the model wants it back."""
     B, H, T, D = like.shape
-    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
+    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype or like.dtype, device=like.device)
 
 
 def _tuning_bucket(T):
@@ -441,16 +480,21 @@ def _forward(q, k, v, causal, sm_scale, launch):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, launch):
-    """(dq, dk, dv), each (B, H, T, D) in (B, T, H, D) memory."""
+def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
+    """(dq, dk, dv), each (B, H, T, D) in (B, T, H, D) memory. deterministic: dq by a kernel of its own
+    (bitwise reproducible); else added up in fp32 by the dk/dv programs with atomics, in whatever order
+    they arrive, then cast (5 matmuls per block pair instead of 7)."""
     do = _last_dim_contiguous(do)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     B, H, T, D = q.shape
     delta = torch.empty_like(lse)
-    dq, dk, dv = _empty_bthd(q), _empty_bthd(k), _empty_bthd(v)
+    dk, dv = _empty_bthd(k), _empty_bthd(v)
+    # the atomic path's fp32 accumulator; the deterministic path passes dq, never read, in its place
+    dq = _empty_bthd(q, None if deterministic else torch.float32)
     block_delta = 32 if _INTERPRET else 64
     launch(_bwd_delta)[(cdiv(T, block_delta), B * H)](
-        o, do, delta, *_bht(o), *_bht(do), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
+        o, do, delta, dq, *_bht(o), *_bht(do), *_bht(dq), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
+        ZERO_DQ=not deterministic,
     )
 
     def dkdv_grid(meta):
@@ -461,10 +505,13 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, launch):
 
     qk_scale = sm_scale * _LOG2E
     t_bucket = _tuning_bucket(T)
-    launch(_attn_bwd_dkdv)[dkdv_grid](
-        q, k, v, do, dk, dv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk),
+    launch(_dkdv_kernel if deterministic else _dkdv_dq_kernel)[dkdv_grid](
+        q, k, v, do, dk, dv, lse, delta, dq, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dq),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
+        ATOMIC_DQ=not deterministic,
     )
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
     launch(_attn_bwd_dq)[dq_grid](
         q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
@@ -476,27 +523,29 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, launch):
 # the torch.compile path: custom ops that launch through wrap_triton
 
 
+# deterministic only chooses the backward; the forward op takes it so that its autograd can pass it on
 @triton_op("gpt2::flash_attention_fwd", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, sm_scale, traced)
 
 
 @triton_op("gpt2::flash_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, causal: bool,
-                      sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, sm_scale, traced)
+                      lse: torch.Tensor, causal: bool, sm_scale: float,
+                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, traced)
 
 
 def _op_setup(ctx, inputs, output):
-    q, k, v, causal, sm_scale = inputs
+    q, k, v, causal, sm_scale, deterministic = inputs
     ctx.save_for_backward(q, k, v, *output)
-    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
 
 
 def _op_backward(ctx, do, _dlse):
-    return *_attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale), None, None
+    dq, dk, dv = _attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("gpt2::flash_attention_fwd", _op_backward, setup_context=_op_setup)
@@ -508,15 +557,16 @@ torch.library.register_autograd("gpt2::flash_attention_fwd", _op_backward, setup
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, deterministic):
         o, lse = _forward(q, k, v, causal, sm_scale, direct)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
-        return *_backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, direct), None, None
+        dq, dk, dv = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct)
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,15 +588,17 @@ def attention_ref(q, k, v, causal=True, sm_scale=None, upcast=True):
     return y if upcast else y.to(dtype)
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None):
+def flash_attention(q, k, v, causal=True, sm_scale=None, deterministic=True):
     """softmax(sm_scale * q k^T (+ causal mask)) v for q, k, v (B, H, T, D); sm_scale defaults to 1/sqrt(D).
 
     Returns (B, H, T, D) whose memory is laid out (B, T, H, D): `.transpose(1, 2)` of it is contiguous.
+    deterministic=False: a backward that adds dq up with fp32 atomics, two matmuls per block pair fewer,
+    whose dq can differ in its last bits from run to run (dk and dv stay bitwise reproducible).
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     if not sm_scale > 0:
         raise ValueError(f"flash_attention wants sm_scale > 0, got {sm_scale}")
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, causal, float(sm_scale))[0]
-    return _AttentionFunction.apply(q, k, v, causal, float(sm_scale))
+        return _attention_op(q, k, v, causal, float(sm_scale), bool(deterministic))[0]
+    return _AttentionFunction.apply(q, k, v, causal, float(sm_scale), bool(deterministic))

@@ -72,6 +72,31 @@ def test_matches_reference(B, H, T, D, causal, dtype, device):
         check(name, g.cpu(), w, l.cpu(), atol)
 
 
+@pytest.mark.parametrize("B, H, T, D, causal, dtype", [
+    (1, 3, 17, 64, True, torch.float32),
+    (3, 1, 64, 32, False, torch.float32),
+    (2, 3, 257, 64, True, torch.float16),
+    (1, 1, 130, 32, False, torch.float16),
+])
+def test_atomic_backward_matches_reference(B, H, T, D, causal, dtype, device, monkeypatch):
+    """deterministic=False: dq added up by the dk/dv programs with atomics into an fp32 buffer that the
+    delta pass zeroes. Every buffer starts as NaN here, so an element left unwritten (or a buffer left
+    unzeroed) shows."""
+    import kernels.attention as attention
+
+    empty_bthd = attention._empty_bthd
+    monkeypatch.setattr(attention, "_empty_bthd", lambda like, dtype=None: empty_bthd(like, dtype).fill_(float("nan")))
+    qkv, _ = model_qkv(B, H, T, D, dtype, device)
+    do = torch.randn(B, H, T, D, dtype=dtype, device=device)
+    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=False)
+    want = run(attention_ref, qkv.double().cpu(), H, do.double().cpu(), causal=causal)
+    lowp = run(sdpa, qkv, H, do, causal=causal)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
+        check(name, g.cpu(), w, l.cpu(), atol)
+    assert got[1].dtype == dtype
+
+
 def test_separate_tensors_and_scale(device):
     """Separate dense q, k, v in three layouts, a custom sm_scale, grads through .sum() (dO of stride 0)."""
     B, H, T, D = 2, 3, 33, 32
@@ -129,6 +154,7 @@ def test_output_layout_is_bthd(device):
 
 
 def test_backward_is_deterministic(device):
+    """The default backward: every gradient element written by one program, bitwise reproducible."""
     B, H, T, D = 1, 3, 70, 32
     qkv, _ = model_qkv(B, H, T, D, torch.float32, device)
     do = torch.randn(B, H, T, D, device=device)
@@ -156,7 +182,7 @@ def test_compile_path_runs_the_same_launches(device, monkeypatch):
 def test_custom_op_registration(device):
     """Schema and autograd registration; fake-tensor tracing needs a real GPU (see test_opcheck_full)."""
     q, k, v = (torch.randn(1, 2, 17, 32, device=device, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.gpt2.flash_attention_fwd.default, (q, k, v, True, 0.2),
+    torch.library.opcheck(torch.ops.gpt2.flash_attention_fwd.default, (q, k, v, True, 0.2, True),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
@@ -173,10 +199,11 @@ def test_custom_op_registration(device):
     (1, 2, 4096, 128, False),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference_gpu(B, H, T, D, causal, dtype):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_matches_reference_gpu(B, H, T, D, causal, dtype, deterministic):
     qkv, _ = model_qkv(B, H, T, D, dtype, "cuda")
     do = torch.randn(B, H, T, D, dtype=dtype, device="cuda")
-    got = run(flash_attention, qkv, H, do, causal=causal)
+    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=deterministic)
     want = run(attention_ref, qkv.double(), H, do.double(), causal=causal)
     lowp = run(sdpa, qkv, H, do, causal=causal)
     for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
@@ -196,18 +223,22 @@ def test_backward_is_deterministic_gpu():
 def test_opcheck_full():
     q, k, v = (torch.randn(2, 3, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
-    torch.library.opcheck(torch.ops.gpt2.flash_attention_fwd.default, (q, k, v, True, 0.125))
-    o, lse = torch.ops.gpt2.flash_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.125)
-    torch.library.opcheck(torch.ops.gpt2.flash_attention_bwd.default,
-                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.125))
+    torch.library.opcheck(torch.ops.gpt2.flash_attention_fwd.default, (q, k, v, True, 0.125, True))
+    o, lse = torch.ops.gpt2.flash_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.125, True)
+    for deterministic in (True, False):
+        torch.library.opcheck(torch.ops.gpt2.flash_attention_bwd.default,
+                              (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.125,
+                               deterministic))
 
 
 @gpu
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_compiles_without_graph_breaks(deterministic):
     B, H, T, D = 2, 3, 200, 64
     qkv, _ = model_qkv(B, H, T, D, torch.bfloat16, "cuda")
     do = torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda")
     compiled = torch.compile(flash_attention, fullgraph=True)
-    got, want = run(compiled, qkv, H, do), run(flash_attention, qkv, H, do)
+    got = run(compiled, qkv, H, do, deterministic=deterministic)
+    want = run(flash_attention, qkv, H, do, deterministic=deterministic)
     for g, w in zip(got, want):  # the compiled graph may autotune to other block sizes: not bitwise
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)

@@ -73,3 +73,21 @@ def test_partial_sets_keep_the_rest_on_torch():
     assert ops.parse("gelu, attention") == frozenset({"gelu", "attention"})
     op_set = ops.resolve("gelu")
     assert op_set.attention is ops.torch_attention and op_set.spec == "gelu"
+
+
+def test_nondeterministic_sets_pass_their_declared_arguments():
+    """deterministic=False hands each Triton op its declared `nondeterministic` keywords (attention: the
+    atomic dq backward) and leaves every other op, and every PyTorch op, as it was."""
+    import kernels
+
+    fast = ops.resolve("triton", deterministic=False)
+    assert not fast.deterministic and "nondeterministic" in repr(fast) and fast.spec == "triton"
+    for op in ops.OPS:
+        implementation = getattr(fast, op.name)
+        if op.nondeterministic:
+            assert implementation.func is getattr(kernels, op.triton.split(":")[1])
+            assert implementation.keywords == op.nondeterministic
+        else:
+            assert implementation is getattr(kernels, op.triton.split(":")[1])
+    assert ops.OPS[0].nondeterministic == {"deterministic": False}
+    assert ops.resolve("torch", deterministic=False).attention is ops.torch_attention
