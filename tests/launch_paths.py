@@ -8,7 +8,7 @@ sm_90, with nothing launched), so it needs its own process: TRITON_INTERPRET mus
 kernels are imported. Every DirectLauncher launch is followed by Triton's launch of the same call, and
 the two launches the stub records must be the same compiled kernel, grid and arguments. Driven by
 training steps of a small GPT on every Triton op (fp32 and bf16 autocast, two sequence lengths, the
-attention autotuner's full config list) and by a probe kernel at the edges of Triton's specialization:
+attention autotuners' full config lists, attention's atomic backward too) and by a probe kernel at the edges of Triton's specialization:
 misaligned tensors, ints equal to 1, divisible by 16 or past 2**31, floats, bools, dtypes.
 """
 import argparse
@@ -78,13 +78,13 @@ def _describe(records) -> str:
                      for h, g, args in records) or "nothing"
 
 
-def train_steps(dtype: str, seq_len: int) -> None:
+def train_steps(dtype: str, seq_len: int, deterministic: bool = True) -> None:
     from gpt2.model import GPT, GPTConfig
     from gpt2.ops import resolve
     from gpt2.trainer import accumulate_gradients, clip_and_step
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=96), resolve("triton", "cuda"))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=96), resolve("triton", "cuda", deterministic))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     tokens = torch.randint(0, 96, (2, seq_len + 1))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -123,6 +123,7 @@ def main() -> int:
     try:
         for dtype, seq_len in (("float32", 16), ("bfloat16", 16), ("float32", 40)):
             train_steps(dtype, seq_len)
+        train_steps("bfloat16", 40, deterministic=False)  # attention's atomic backward
         probe_specializations()
     except Mismatch as error:
         print(f"MISMATCH: {error}")
