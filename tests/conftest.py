@@ -118,7 +118,8 @@ def _poisoned(allocate):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Every buffer a launcher allocates with torch.empty / empty_like starts as garbage (NaN), so an
-    output element the kernel forgets to write fails the comparison."""
+    """Every buffer a launcher allocates with torch.empty / empty_like / empty_strided starts as garbage
+    (NaN), so an output element the kernel forgets to write fails the comparison."""
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
+    monkeypatch.setattr(torch, "empty_strided", _poisoned(torch.empty_strided))
