@@ -13,7 +13,7 @@ is written, in gpu_check.md (tables) and gpu_check.json, as each section ends:
              triton, eager and torch.compile'd: ms, tokens/s, MFU (datasheet bf16 peak), peak memory,
              and the seconds to the first step (compilation and autotuning included)
   kernels    every kernel benchmark at GPT-2 124M shapes (one or two configs each, benchmarks/run.py's
-             tables and plots)
+             tables and plots), and each autotuned kernel's choice with every candidate's time
   step B=64  the four providers again at the micro-batch of GPT-2 124M's real run, and triton+compile
              with attention's atomic dq backward (--no-deterministic)
   ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
@@ -46,7 +46,7 @@ def sections(smoke: bool) -> list:
     return [
         ("tests", 90, 180, ["tests"]),
         ("step B=16", 150, 240, ["steps", str(batch), *core]),
-        ("kernels", 60, 120, ["kernels"]),
+        ("kernels", 80, 150, ["kernels"]),
         ("step B=64", 150, 210, ["steps", str(batch if smoke else 64), *core, *([] if smoke else [ATOMIC])]),
         ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
         ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
@@ -133,8 +133,10 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
     device = torch.device("cpu" if smoke else "cuda")
     env = harness.environment(device)
     ceilings = {} if smoke else harness.measure_ceilings(device)
-    names = []
-    for name, bench in discover().items():
+    names, benchmarks = [], discover()
+    if not smoke:
+        _tune_afresh()
+    for name, bench in benchmarks.items():
         if name == "train":
             continue  # the step sections time it
         if smoke:
@@ -144,7 +146,48 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
             rows = (harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step)(bench, device, ceilings)
             harness.write_results(bench, rows, env, ceilings, out_dir)
         names.append({"benchmark": name, "table": harness.markdown_table(bench, rows)})
+    names.append({"benchmark": "autotuning: the config each autotuned kernel chose", "table": tuning_table()})
     return names
+
+
+def _tune_afresh() -> None:
+    """The step sections have stored their tuning choices in Triton's disk cache; this section's
+    autotuners benchmark their candidates again, so that tuning_table() has every candidate's time."""
+    from triton.runtime.autotuner import Autotuner
+
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("kernels."):
+            for tuner in vars(module).values():
+                if isinstance(tuner, Autotuner) and getattr(tuner, "cache_results", False):
+                    tuner.cache_results = False
+
+
+def tuning_table() -> str:
+    """Every autotuned kernel's choice per tuning key in this process (the candidates' timings where it
+    benchmarked them, rather than reading Triton's disk cache): which candidates win at GPT-2 shapes, and
+    which are never chosen and could be dropped from the start-up's tuning."""
+    from triton.runtime.autotuner import Autotuner
+
+    lines = ["| kernel | tuning key | chosen | ms of each candidate, as tried (median) |", "|---|---|---|---|"]
+    for module_name, module in sorted(sys.modules.items()):
+        if not module_name.startswith("kernels."):
+            continue
+        for name, tuner in sorted(vars(module).items()):
+            if not isinstance(tuner, Autotuner):
+                continue
+            last_key = list(tuner.cache)[-1] if tuner.cache else None
+            for key, config in tuner.cache.items():
+                timings = getattr(tuner, "configs_timings", None) if key == last_key else None
+                tried = ", ".join(f"{_label(c)}: {t[0] if isinstance(t, list) else t:.3f}"
+                                  for c, t in (timings or {}).items())
+                if not tried:
+                    tried = "from Triton's disk cache" if key == last_key else "timings kept for the last key only"
+                lines.append(f"| {module_name}.{name} | {key} | {_label(config)} | {tried} |")
+    return "\n".join(lines) if len(lines) > 2 else "no kernel was autotuned (one config each)"
+
+
+def _label(config) -> str:
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}", f"s{config.num_stages}"])
 
 
 def child(argv) -> None:
