@@ -94,16 +94,17 @@ def _configs(owned, stepped, candidates, interpreter_sizes):
 # in half the registers (dq 128 x 32: 212 against 115), and all but one pipeline depth per tile (the
 # depth changes shared memory, not registers). 14 configs instead of 42: the first call of a new length
 # bucket compiles a third as much. At D = 128 the larger tiles reach the register cap and dk/dv's spill;
-# they lose the tuning there, and the defaults (first) fit every head dim. Which one wins at D = 64 is
-# still to be timed on a GPU.
+# they lose the tuning there, and the defaults (first) fit every head dim with Triton 3.6 and 3.9 (dk/dv's is
+# 8 warps: on 4, Triton 3.6 spills 40 bytes at D = 128). Which one wins at D = 64 is still to be timed on a GPU.
 _FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 3),
                                                (128, 64, 8, 4), (128, 128, 8, 3)], (32, 16))
 _DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
                        (32, 16))
-_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
                          (32, 16))
 # dk/dv with the atomic dq (deterministic=False), the same way: 128 x 64 spills there, 64 x 64 on 4 warps is at
-# the cap, and the default (first) is the one that fits D = 128 without spilling (249 registers).
+# the cap, and the default (first) is the one that fits D = 128 without spilling (249 registers with Triton
+# 3.9, 255 with 3.6).
 _DKDV_DQ_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
                             (32, 16))
 # tuning results are kept on disk (Triton's cache), so that a restarted run does not tune again
