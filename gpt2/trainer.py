@@ -389,8 +389,8 @@ class Run:
         """The run at a glance, for the log's first line and the plot's title."""
         meta = self.train_loader.meta or {}
         return {"preset": self.cfg.preset, "data": self.data_dir, "data_name": meta.get("name"),
-                "data_source": meta.get("source"), "kernels": self.ops.spec, "device": str(self.device),
-                "params": self.raw_model.num_params(), "sampling": self.cfg.sampling}
+                "data_source": meta.get("source"), "kernels": self.ops.spec, "deterministic": self.ops.deterministic,
+                "device": str(self.device), "params": self.raw_model.num_params(), "sampling": self.cfg.sampling}
 
     # -- periodic work ------------------------------------------------------------------------------
 

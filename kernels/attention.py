@@ -31,6 +31,13 @@ with relaxed atomics; the delta pass zeroes that buffer, a cast gives dq its dty
 is skipped. Five matmuls per pair instead of seven; dq's additions arrive in any order, so its last
 bits can differ run to run (dk and dv stay bitwise reproducible).
 
+Not done, on static evidence (compiled for sm_90, Triton 3.9): issuing the next block's Q K^T before
+this block's softmax still compiles to `wgmma.wait_group 0` before the softmax, with 14 to 73 more
+registers; tensor descriptors (TMA) for K and V turn their loads into cp.async.bulk.tensor but leave
+the waits as they are, and `tl.range(warp_specialize=True)` over them fails to compile on 4 warps
+("unsupported load type for producer commit") and changes nothing on 8. None of them overlaps the
+tensor cores with the softmax, so none is here until a GPU says otherwise.
+
 Causal blocks above the diagonal are never visited (loop bounds). Blocks that are entirely below
 the diagonal and inside T run unmasked; only the diagonal blocks and the ragged last block of T
 pay for a mask.
