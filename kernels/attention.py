@@ -24,12 +24,14 @@ written by exactly one program, with no atomics, so dq, dk and dv are bitwise de
 the block sizes the autotuner chose in this process); the price is computing P and dP twice: seven
 matmuls per (query block, key block) pair.
 
-deterministic=False (opt-in; train.py --no-deterministic) trades that for speed as FlashAttention-2
+deterministic=False (opt-in; train.py --no-deterministic) trades that for less work, as FlashAttention-2
 does: the dk/dv programs also compute each pair's share of dQ (a fifth matmul, as dQ^T = K^T dS^T
 so that its M is the head dim, a Hopper wgmma shape) and add it into an fp32 buffer
 with relaxed atomics; the delta pass zeroes that buffer, a cast gives dq its dtype, and the dq kernel
 is skipped. Five matmuls per pair instead of seven; dq's additions arrive in any order, so its last
-bits can differ run to run (dk and dv stay bitwise reproducible).
+bits can differ run to run (dk and dv stay bitwise reproducible). The price is the adds: D fp32 values
+per (query row, key block) pair, T^2 D / (2 BLOCK_N) per (batch, head) when causal, resolved in L2;
+whether they cost less than the two matmuls they replace is for a GPU to say.
 
 Not done, on static evidence (compiled for sm_90, Triton 3.9): issuing the next block's Q K^T before
 this block's softmax still compiles to `wgmma.wait_group 0` before the softmax, with 14 to 73 more
