@@ -10,12 +10,13 @@ is written, in gpu_check.md (tables) and gpu_check.json, as each section ends:
 
   tests      the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in tests.log
   step B=16  the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
-             triton, eager and torch.compile'd: ms, tokens/s, MFU (datasheet bf16 peak), peak memory,
-             and the seconds to the first step (compilation and autotuning included)
-  kernels    every kernel benchmark at GPT-2 124M shapes (one or two configs each, benchmarks/run.py's
-             tables and plots), and each autotuned kernel's choice with every candidate's time
-  step B=64  the four providers again at the micro-batch of GPT-2 124M's real run, and triton+compile
-             with attention's atomic dq backward (--no-deterministic)
+             triton, eager and torch.compile'd, and triton+compile with attention's atomic dq backward
+             (--no-deterministic): ms, tokens/s, MFU (datasheet bf16 peak), peak memory, and the
+             seconds to the first step (compilation and autotuning included)
+  kernels    every kernel benchmark at GPT-2 shapes (the configs its targets are set at, else one;
+             benchmarks/run.py's tables and plots), and each autotuned kernel's choice with every
+             candidate's time
+  step B=64  the same providers again at the micro-batch of GPT-2 124M's real run
   ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
   restart    triton+compile and torch+compile again in a new process: the start-up with warm caches
              (compiled kernels, tuning results), the second start of a run or a second rank
@@ -42,12 +43,12 @@ def sections(smoke: bool) -> list:
     from gpt2.ops import OP_NAMES
 
     batch = 2 if smoke else 16
-    core = ("torch", "triton") if smoke else CORE  # torch.compile cannot trace the interpreter
+    core = ("torch", "triton") if smoke else (*CORE, ATOMIC)  # torch.compile cannot trace the interpreter
     return [
         ("tests", 90, 180, ["tests"]),
-        ("step B=16", 150, 240, ["steps", str(batch), *core]),
-        ("kernels", 80, 150, ["kernels"]),
-        ("step B=64", 150, 210, ["steps", str(batch if smoke else 64), *core, *([] if smoke else [ATOMIC])]),
+        ("step B=16", 180, 270, ["steps", str(batch), *core]),
+        ("kernels", 100, 180, ["kernels"]),
+        ("step B=64", 150, 210, ["steps", str(batch if smoke else 64), *core]),
         ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
         ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
     ]
@@ -121,8 +122,13 @@ def _median_ms(step, device, n: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# how many of a kernel benchmark's first configs this section times: those its targets are set at
+# (attention: T = 1024 and 4096; LayerNorm: the four GPT-2 widths at 64K rows); one for the others
+TARGET_CONFIGS = {"attention": 2, "layernorm": 4}
+
+
 def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
-    """Each kernel benchmark at its first config (attention: two, T = 1024 and 4096), tables written."""
+    """Each kernel benchmark at its first configs (TARGET_CONFIGS), tables written."""
     import dataclasses
 
     import torch
@@ -142,7 +148,7 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
         if smoke:
             rows = (harness.smoke_op if isinstance(bench, harness.OpBench) else harness.smoke_step)(bench, device)
         else:
-            bench = dataclasses.replace(bench, configs=bench.configs[:2 if name == "attention" else 1])
+            bench = dataclasses.replace(bench, configs=bench.configs[:TARGET_CONFIGS.get(name, 1)])
             rows = (harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step)(bench, device, ceilings)
             harness.write_results(bench, rows, env, ceilings, out_dir)
         names.append({"benchmark": name, "table": harness.markdown_table(bench, rows)})
