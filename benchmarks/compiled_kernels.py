@@ -14,7 +14,9 @@ i64, the way torch.compile's inductor hands Python scalars to user kernels: a ke
 same fp32 math whatever width its scalars arrive in (fp64 arithmetic runs at 1/64 of the fp32 rate on
 most GPUs, and an fp64 accumulator crashed tl.dot outright). The PTX is scanned for fp64 arithmetic
 (conversions of an fp64 argument are fine); cuobjdump gives registers per thread and local memory
-(spills). Autotuning candidates that spill cannot win and should not be tuned.
+(spills). Autotuning candidates that spill cannot win and should not be tuned. The LayerNorm backward's
+persistent grid (kernels/rowwise.py) must fit on the multiprocessors in one wave: its registers are
+checked against the programs it launches on each, at the four GPT-2 widths.
 """
 import argparse
 import functools
@@ -64,6 +66,7 @@ def record_step() -> list:
     clip_and_step(optimizer, model, 1.0, scaler)
     accumulate_gradients(torch.compile(model, backend="aot_eager", fullgraph=True), batches, device, "bfloat16", scaler)
     record_atomic_attention()
+    record_layer_norm_widths()
     unique = {}
     for src, options in stub_gpu.compiled():
         options = {key: options[key] for key in LAUNCH_OPTIONS if key in options}
@@ -80,6 +83,20 @@ def record_atomic_attention() -> None:
     attention = functools.partial(flash_attention, deterministic=False)
     for run in (attention, torch.compile(attention, backend="aot_eager", fullgraph=True)):
         run(q, k, v).sum().backward()
+
+
+def record_layer_norm_widths() -> None:
+    """The fused add + LayerNorm at the other GPT-2 widths (C = 1024, 1280, 1600; the step has 768) with
+    the model's dtypes: fp32 residual, bf16 sublayer output, bf16 autocast."""
+    from kernels import add_layer_norm
+
+    for C in (1024, 1280, 1600):
+        x = torch.randn(8, C, requires_grad=True)
+        delta = torch.randn(8, C, dtype=torch.bfloat16, requires_grad=True)
+        weight, bias = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, y = add_layer_norm(x, delta, weight, bias)
+        (s.sum() + y.float().sum()).backward()
 
 
 def autotuning_candidates(src, options) -> list:
@@ -135,7 +152,19 @@ def compile_and_inspect(src, options, arch: int) -> dict:
     row["tma"] = "cp.async.bulk.tensor" in ptx
     row["shared_KB"] = round(compiled.metadata.shared / 1024, 1)
     row.update(_resource_usage(compiled.asm["cubin"]))
+    if src.fn.__name__ == "_layer_norm_bwd_kernel" and row["registers"]:
+        row.update(_persistent_fit(src, options, row["registers"]))
     return row
+
+
+def _persistent_fit(src, options, registers: int) -> dict:
+    """The LayerNorm backward's persistent grid: programs launched per multiprocessor, and how many its
+    registers let one hold at once."""
+    from kernels.rowwise import REGISTERS_PER_SM, backward_programs_per_sm
+
+    warps = options["num_warps"]
+    return {"programs_per_sm": backward_programs_per_sm(warps),
+            "fit_per_sm": REGISTERS_PER_SM // (-(-registers // 8) * 8 * 32 * warps)}  # allocated 8 at a time
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -171,6 +200,8 @@ def problems(row) -> list:
         found.append(f"{row['fp64_count']} fp64 instructions, e.g. {row['fp64_math'][0]}")
     if row.get("spill_bytes"):
         found.append(f"spills {row['spill_bytes']} bytes a thread")
+    if row.get("fit_per_sm", 99) < row.get("programs_per_sm", 0):
+        found.append(f"launches {row['programs_per_sm']} programs a multiprocessor, {row['fit_per_sm']} fit: two waves")
     return found
 
 
@@ -198,6 +229,8 @@ def markdown(rows) -> str:
              "| problems |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         config = ("candidate " if r.get("candidate") else "") + r["config"]
+        if "programs_per_sm" in r:
+            config += f" (grid: {r['programs_per_sm']} a multiprocessor, {r['fit_per_sm']} fit)"
         counts = " | ".join(str(r.get(key) or "") for key in ("wgmma", "mma_sync", "atomics"))
         lines.append(f"| {r['kernel']} | {config} | {r['target']} | {r['types']} | {r.get('registers', '')} | "
                      f"{r.get('spill_bytes', '')} | {r.get('shared_KB', '')} | {counts} | "

@@ -49,6 +49,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
+    n_rows, n_cols = tl.cast(n_rows, tl.int32), tl.cast(n_cols, tl.int32)  # and ints as i64 (_check: < 2**31)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -82,6 +83,9 @@ def _layer_norm_bwd_kernel(
     HAS_DDELTA: tl.constexpr,            # dx is also written in delta's narrower dtype, as ddelta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # torch.compile passes ints as i64, and 64-bit index math took 27 more registers a thread at C = 1280:
+    # 3 programs a multiprocessor instead of the persistent grid's 4 (_check keeps rows < 2**31)
+    n_rows, n_cols = tl.cast(n_rows, tl.int32), tl.cast(n_cols, tl.int32)
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -121,6 +125,8 @@ def _layer_norm_bwd_kernel(
 
 def _check(x: torch.Tensor, delta, weight: torch.Tensor, bias) -> None:
     n_cols = x.shape[-1]
+    if x.numel() >= 2**31 * max(n_cols, 1):
+        raise ValueError(f"layer_norm takes fewer than 2**31 rows, got {x.numel() // n_cols}: split the batch")
     if delta is not None and delta.shape != x.shape:
         raise ValueError(f"add_layer_norm: delta must have x's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
     if weight.shape != (n_cols,) or (bias is not None and bias.shape != (n_cols,)):
@@ -166,7 +172,7 @@ def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
     has_ddelta = delta_dtype is not None and delta_dtype != x.dtype
     ddelta = torch.empty_like(x, dtype=delta_dtype) if has_ddelta else None
     cfg = row_config(n_cols)
-    programs = persistent_programs(x.device)
+    programs = persistent_programs(x.device, cfg.programs_per_sm)
     partial = torch.empty((2, programs, n_cols), dtype=torch.float32, device=x.device)
     launch(_layer_norm_bwd_kernel)[(programs,)](
         x, dy, ds, dx, ddelta if has_ddelta else dx, weight, stats, partial, n_rows, n_cols,

@@ -4,8 +4,8 @@ A row-wise kernel keeps a whole row in registers, so its tile is (BLOCK_M rows, 
 and the shapes it meets vary in one number only, the row length C. That makes autotuning pointless
 (STYLE.md rule 4): the tile and the warp count follow from C here, in one place.
 
-    cfg = row_config(n_cols)          # cfg.block_n, cfg.block_m, cfg.num_warps
-    grid = persistent_programs(device)
+    cfg = row_config(n_cols)          # cfg.block_n, cfg.block_m, cfg.num_warps, cfg.programs_per_sm
+    grid = persistent_programs(device, cfg.programs_per_sm)
 
 Design limit: a row of at most MAX_COLS elements. Fast up to 8192 columns (one row, 16 warps, no spills);
 at 16384 the LayerNorm backward spills registers; longer rows would need a loop over column blocks.
@@ -19,6 +19,11 @@ from kernels.launch import next_power_of_2
 MAX_COLS = 16384
 TILE_ELEMENTS = 2048   # elements a program keeps per live tensor: short rows are packed BLOCK_M at a time
 MAX_WARPS = 16
+REGISTERS_PER_SM = 65536   # sm_80 and sm_90
+# Registers a thread of the LayerNorm backward takes at most, compiled for sm_90 at the four GPT-2 widths
+# with the model's dtypes and torch.compile's scalar types, by Triton 3.6 and 3.9 (110 to 128; 16 elements
+# a thread per live tensor). Wider rows keep 16 a thread on more warps and are assumed to take as many.
+BACKWARD_REGISTERS = 128
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class RowConfig:
     block_n: int      # columns of the tile: next power of two >= C
     block_m: int      # rows of the tile: several short rows per program, so each program moves enough bytes
     num_warps: int
+    programs_per_sm: int   # of the persistent backward: as many as a multiprocessor holds at once, at most 4
 
 
 def row_config(n_cols: int) -> RowConfig:
@@ -42,12 +48,20 @@ def _row_config(n_cols: int) -> RowConfig:  # cached: it is on the host path of 
     # 16 elements a thread per live tensor, in 2048-element tiles (2 rows of C = 768 on 4 warps). Compiled
     # for sm_90 with the model's dtypes (benchmarks/compiled_kernels.py; C = 768, fp32 x, bf16 y): the
     # LayerNorm forward takes 55 registers a thread, so 9 programs share a multiprocessor with 73 KB of
-    # loads in flight, and the backward 116, so 4 fit: the persistent grid's 4 per multiprocessor run in
-    # one wave. The 4096-element tile on 8 warps had 80 KB in flight forward but spilled 16 bytes a
+    # loads in flight, and the backward 110 to 128 at every GPT-2 width, so 4 fit: the persistent grid's
+    # 4 per multiprocessor run in one wave. The 4096-element tile on 8 warps had 80 KB in flight forward but spilled 16 bytes a
     # thread, and its backward (113 registers, 2 programs a multiprocessor) ran in two waves. Not yet
     # timed on a GPU.
     num_warps = min(MAX_WARPS, max(4, block_m * block_n // 512))
-    return RowConfig(block_n=block_n, block_m=block_m, num_warps=num_warps)
+    return RowConfig(block_n=block_n, block_m=block_m, num_warps=num_warps,
+                     programs_per_sm=backward_programs_per_sm(num_warps))
+
+
+def backward_programs_per_sm(num_warps: int) -> int:
+    """Programs of the persistent backward per multiprocessor: at most 4, and no more than fit at once, or
+    the last would run after the others and double the time (4 programs of 4 warps at 128 registers
+    fill a multiprocessor's registers exactly; on 8 warps 2 fit, on 16 one)."""
+    return max(1, min(4, REGISTERS_PER_SM // (BACKWARD_REGISTERS * 32 * num_warps)))
 
 
 @functools.lru_cache(maxsize=None)

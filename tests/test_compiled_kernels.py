@@ -44,3 +44,12 @@ def test_the_check_finds_fp64_arithmetic():
     ptx = "\tcvt.rn.f32.f64 %f1, %fd1;\n\tld.param.f64 %fd1, [x];\n\tmul.f64 %fd2, %fd1, %fd1;\n\tfma.rn.f64 %fd3, %fd2, %fd1, %fd1;\n"
     found = compiled_kernels._FP64_MATH.findall(ptx)
     assert [line.strip().split()[0] for line in found] == ["mul.f64", "fma.rn.f64"]
+
+
+def test_the_check_finds_a_persistent_grid_in_two_waves():
+    """The LayerNorm backward's grid check: 4 programs launched on a multiprocessor that holds 3 is found."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compiled_kernels
+
+    assert any("two waves" in p for p in compiled_kernels.problems({"programs_per_sm": 4, "fit_per_sm": 3}))
+    assert not compiled_kernels.problems({"programs_per_sm": 4, "fit_per_sm": 4})

@@ -239,3 +239,12 @@ def test_compiles_without_graph_break(device):
     grads = [torch.randn(4, 33, 768, device=device)]
     for got, want in zip(run(compiled, [x, delta, w, b], grads), run(block, [x, delta, w, b], grads)):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_rows_past_int32_are_refused_before_any_work():
+    """The kernels index rows in 32 bits (torch.compile hands them i64 ints: 64-bit index math took 27 more
+    registers a thread); 2**31 rows is refused with a message, on an expanded view that holds one element."""
+    x = torch.zeros(1, 1).expand(2**31, 1)
+    w = torch.ones(1)
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 rows"):
+        layernorm._check(x, None, w, w)  # the launchers' first step; the public path would allocate 8 GB without it
