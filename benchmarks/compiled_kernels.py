@@ -7,11 +7,13 @@ torch.compile would type its arguments: registers, spills, shared memory, tensor
     python benchmarks/compiled_kernels.py --configs --out benchmarks/results/compiled   # keep the table
 
 No GPU is needed: Triton ships ptxas. stub_gpu runs one training step of a small GPT (every op on
-Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64, vocabulary 50304) through Triton's real launch path, then
-its forward and backward under torch.compile(fullgraph=True) (which must trace without a graph break),
-then attention with its atomic backward (deterministic=False) both ways, and records each kernel compiled. Each is then compiled again per target, with its float scalars typed fp64 and its integers
-i64, the way torch.compile's inductor hands Python scalars to user kernels: a kernel must compute the
-same fp32 math whatever width its scalars arrive in (fp64 arithmetic runs at 1/64 of the fp32 rate on
+Triton, bf16 autocast, GPT-2 124M widths: C = 768, head dim 64, vocabulary 50304) through Triton's real
+launch path, then its forward and backward under torch.compile(fullgraph=True) (which must trace without a
+graph break), then attention with its atomic backward (deterministic=False) both ways and LayerNorm at the
+other GPT-2 widths, and records each kernel compiled. Each is then compiled again per target with its
+scalars at their widest: floats fp64, as torch.compile's inductor hands Python floats to user kernels, and
+integers i64, as it types an int it cannot prove fits 32 bits (those it can, it types i32, as Triton
+does). A kernel must compute the same fp32 math whatever width its scalars arrive in (fp64 arithmetic runs at 1/64 of the fp32 rate on
 most GPUs, and an fp64 accumulator crashed tl.dot outright). The PTX is scanned for fp64 arithmetic
 (conversions of an fp64 argument are fine); cuobjdump gives registers per thread and local memory
 (spills). Autotuning candidates that spill cannot win and should not be tuned. The LayerNorm backward's

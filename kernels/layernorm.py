@@ -49,7 +49,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64
-    n_rows, n_cols = tl.cast(n_rows, tl.int32), tl.cast(n_cols, tl.int32)  # and ints as i64 (_check: < 2**31)
+    n_rows, n_cols = tl.cast(n_rows, tl.int32), tl.cast(n_cols, tl.int32)  # ints may come as i64 (_check: < 2**31)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -83,8 +83,9 @@ def _layer_norm_bwd_kernel(
     HAS_DDELTA: tl.constexpr,            # dx is also written in delta's narrower dtype, as ddelta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # torch.compile passes ints as i64, and 64-bit index math took 27 more registers a thread at C = 1280:
-    # 3 programs a multiprocessor instead of the persistent grid's 4 (_check keeps rows < 2**31)
+    # ints typed i64 (inductor's type for an int it cannot prove fits 32 bits) made 64-bit index math that
+    # took 27 more registers a thread at C = 1280: 3 programs a multiprocessor for a grid of 4. _check keeps
+    # rows < 2**31, so the kernel indexes in 32 bits whatever the width its ints arrive in.
     n_rows, n_cols = tl.cast(n_rows, tl.int32), tl.cast(n_cols, tl.int32)
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)

@@ -242,7 +242,7 @@ def test_compiles_without_graph_break(device):
 
 
 def test_rows_past_int32_are_refused_before_any_work():
-    """The kernels index rows in 32 bits (torch.compile hands them i64 ints: 64-bit index math took 27 more
+    """The kernels index rows in 32 bits whatever width their ints arrive in (64-bit index math took 27 more
     registers a thread); 2**31 rows is refused with a message, on an expanded view that holds one element."""
     x = torch.zeros(1, 1).expand(2**31, 1)
     w = torch.ones(1)
