@@ -35,6 +35,22 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert (tmp_path / "tests.log").exists()
 
 
+def test_gpu_check_tables_each_autotuners_choice(monkeypatch):
+    """The kernels section's autotuning table: every key an autotuner chose a config for, and the times of
+    the candidates it tried (here a tuning made up on the attention's atomic dk/dv autotuner)."""
+    import gpu_check
+    import kernels.attention as attention
+
+    tuner = attention._dkdv_dq_kernel
+    key = (1024, 64, True, "torch.bfloat16")
+    monkeypatch.setattr(tuner, "cache", {key: tuner.configs[0]})
+    monkeypatch.setattr(tuner, "configs_timings", {c: [0.25 + i, 0.2, 0.3] for i, c in enumerate(tuner.configs)},
+                        raising=False)
+    table = gpu_check.tuning_table()
+    row = next(line for line in table.splitlines() if "_dkdv_dq_kernel" in line)
+    assert str(key) in row and "0.250" in row and row.count(": ") == len(tuner.configs), table
+
+
 def test_host_overhead_smoke_times_every_op():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "benchmarks/host_overhead.py", "--smoke"], cwd=REPO, env=env,
