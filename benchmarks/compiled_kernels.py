@@ -103,13 +103,10 @@ def record_layer_norm_widths() -> None:
 
 def autotuning_candidates(src, options) -> list:
     """The same kernel once per config of its autotuner (none if it is not autotuned)."""
-    from triton.runtime.autotuner import Autotuner
-
-    import kernels
+    import harness
 
     fn = src.fn
-    tuners = [obj for module in _kernel_modules(kernels) for obj in vars(module).values()
-              if isinstance(obj, Autotuner) and obj.fn is fn]
+    tuners = [tuner for _, tuner in harness.autotuners() if tuner.fn is fn]
     if not tuners:
         return []
     names = fn.arg_names
@@ -121,10 +118,6 @@ def autotuning_candidates(src, options) -> list:
         out.append((ASTSource(fn, src.signature, constexprs, src.attrs),
                     {**options, "num_warps": config.num_warps, "num_stages": config.num_stages}))
     return out
-
-
-def _kernel_modules(package):
-    return [module for name, module in sys.modules.items() if name.startswith(package.__name__ + ".")]
 
 
 def as_inductor_types(src):

@@ -159,36 +159,28 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
 def _tune_afresh() -> None:
     """The step sections have stored their tuning choices in Triton's disk cache; this section's
     autotuners benchmark their candidates again, so that tuning_table() has every candidate's time."""
-    from triton.runtime.autotuner import Autotuner
+    import harness
 
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("kernels."):
-            for tuner in vars(module).values():
-                if isinstance(tuner, Autotuner) and getattr(tuner, "cache_results", False):
-                    tuner.cache_results = False
+    for _, tuner in harness.autotuners():
+        tuner.cache_results = False
 
 
 def tuning_table() -> str:
     """Every autotuned kernel's choice per tuning key in this process (the candidates' timings where it
     benchmarked them, rather than reading Triton's disk cache): which candidates win at GPT-2 shapes, and
     which are never chosen and could be dropped from the start-up's tuning."""
-    from triton.runtime.autotuner import Autotuner
+    import harness
 
     lines = ["| kernel | tuning key | chosen | ms of each candidate, as tried (median) |", "|---|---|---|---|"]
-    for module_name, module in sorted(sys.modules.items()):
-        if not module_name.startswith("kernels."):
-            continue
-        for name, tuner in sorted(vars(module).items()):
-            if not isinstance(tuner, Autotuner):
-                continue
-            last_key = list(tuner.cache)[-1] if tuner.cache else None
-            for key, config in tuner.cache.items():
-                timings = getattr(tuner, "configs_timings", None) if key == last_key else None
-                tried = ", ".join(f"{_label(c)}: {t[0] if isinstance(t, list) else t:.3f}"
-                                  for c, t in (timings or {}).items())
-                if not tried:
-                    tried = "from Triton's disk cache" if key == last_key else "timings kept for the last key only"
-                lines.append(f"| {module_name}.{name} | {key} | {_label(config)} | {tried} |")
+    for name, tuner in harness.autotuners():
+        last_key = list(tuner.cache)[-1] if tuner.cache else None
+        for key, config in tuner.cache.items():
+            timings = getattr(tuner, "configs_timings", None) if key == last_key else None
+            tried = ", ".join(f"{_label(c)}: {t[0] if isinstance(t, list) else t:.3f}"
+                              for c, t in (timings or {}).items())
+            if not tried:
+                tried = "from Triton's disk cache" if key == last_key else "timings kept for the last key only"
+            lines.append(f"| {name} | {key} | {_label(config)} | {tried} |")
     return "\n".join(lines) if len(lines) > 2 else "no kernel was autotuned (one config each)"
 
 

@@ -256,6 +256,15 @@ def _compare(bench, config, results, baseline) -> list[dict]:
 # reporting
 
 
+def autotuners() -> list:
+    """(qualified name, Autotuner) of every autotuned kernel in the loaded modules of the kernels package."""
+    from triton.runtime.autotuner import Autotuner
+
+    return [(f"{module_name}.{name}", obj) for module_name, module in sorted(sys.modules.items())
+            if module_name.startswith("kernels.") for name, obj in sorted(vars(module).items())
+            if isinstance(obj, Autotuner)]
+
+
 def environment(device) -> dict:
     try:
         import triton

@@ -474,7 +474,7 @@ class Run:
         batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
         loss = accumulate_gradients(self.model, batches, self.device, self.dtype, self.scaler)
         # the ranks' losses and their stop votes (a signal seen) in one collective
-        summed = all_reduce_sum(torch.stack([loss, loss.new_tensor(float(self.stop.signum is not None))]))
+        summed = all_reduce_sum(torch.stack([loss, loss.new_full((), float(self.stop.signum is not None))]))
         lr = learning_rate(self.step, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -501,9 +501,9 @@ class Run:
     def run(self):
         cfg = self.cfg
         self.start_outputs()
-        interpreted = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
-        interpreted += "" if self.ops.deterministic else " nondeterministic"
-        self.print(f"kernels={self.ops.spec}{interpreted} device={self.device} dtype={self.dtype} compile={self.compile} "
+        notes = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
+        notes += "" if self.ops.deterministic else " nondeterministic"
+        self.print(f"kernels={self.ops.spec}{notes} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
         if self.resumed_at is None:

@@ -48,6 +48,18 @@ def sdpa(q, k, v, causal=True, sm_scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
 
 
+def check_against_reference(B, H, T, D, causal, dtype, device, atol, deterministic=True):
+    """Output and d(qkv) of flash_attention on q, k, v made as the model makes them, against float64."""
+    qkv, _ = model_qkv(B, H, T, D, dtype, device)
+    do = torch.randn(B, H, T, D, dtype=dtype, device=device)
+    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=deterministic)
+    want = run(attention_ref, qkv.double(), H, do.double(), causal=causal)
+    lowp = run(sdpa, qkv, H, do, causal=causal)
+    assert got[1].dtype == dtype
+    for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
+        check(name, g, w, l, atol)
+
+
 @pytest.mark.parametrize("B, H, T, D, causal, dtype", [
     (3, 1, 1, 32, True, torch.float32),
     (1, 3, 17, 64, True, torch.float32),
@@ -62,14 +74,7 @@ def sdpa(q, k, v, causal=True, sm_scale=None):
     (3, 3, 100, 32, False, torch.float16),
 ])
 def test_matches_reference(B, H, T, D, causal, dtype, device, poison):
-    qkv, _ = model_qkv(B, H, T, D, dtype, device)
-    do = torch.randn(B, H, T, D, dtype=dtype, device=device)
-    got = run(flash_attention, qkv, H, do, causal=causal)
-    want = run(attention_ref, qkv.double().cpu(), H, do.double().cpu(), causal=causal)
-    lowp = run(sdpa, qkv, H, do, causal=causal)
-    atol = 1e-5 if dtype == torch.float32 else 2e-3
-    for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
-        check(name, g.cpu(), w, l.cpu(), atol)
+    check_against_reference(B, H, T, D, causal, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("B, H, T, D, causal, dtype", [
@@ -82,15 +87,8 @@ def test_atomic_backward_matches_reference(B, H, T, D, causal, dtype, device, po
     """deterministic=False: dq added up by the dk/dv programs with atomics into an fp32 buffer that the
     delta pass zeroes. Every buffer starts as NaN here, so an element left unwritten (or a buffer left
     unzeroed) shows."""
-    qkv, _ = model_qkv(B, H, T, D, dtype, device)
-    do = torch.randn(B, H, T, D, dtype=dtype, device=device)
-    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=False)
-    want = run(attention_ref, qkv.double().cpu(), H, do.double().cpu(), causal=causal)
-    lowp = run(sdpa, qkv, H, do, causal=causal)
-    atol = 1e-5 if dtype == torch.float32 else 2e-3
-    for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
-        check(name, g.cpu(), w, l.cpu(), atol)
-    assert got[1].dtype == dtype
+    check_against_reference(B, H, T, D, causal, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3,
+                            deterministic=False)
 
 
 def test_separate_tensors_and_scale(device):
@@ -199,23 +197,13 @@ def test_custom_op_registration(device):
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference_gpu(B, H, T, D, causal, dtype):
-    check_gpu(B, H, T, D, causal, dtype, deterministic=True)
+    check_against_reference(B, H, T, D, causal, dtype, "cuda", atol=1e-3)
 
 
 @gpu
 @pytest.mark.parametrize("B, H, T, D, causal", [(3, 5, 1000, 64, True), (2, 3, 1023, 32, False)])
 def test_atomic_backward_matches_reference_gpu(B, H, T, D, causal):
-    check_gpu(B, H, T, D, causal, torch.bfloat16, deterministic=False)
-
-
-def check_gpu(B, H, T, D, causal, dtype, deterministic):
-    qkv, _ = model_qkv(B, H, T, D, dtype, "cuda")
-    do = torch.randn(B, H, T, D, dtype=dtype, device="cuda")
-    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=deterministic)
-    want = run(attention_ref, qkv.double(), H, do.double(), causal=causal)
-    lowp = run(sdpa, qkv, H, do, causal=causal)
-    for name, g, w, l in zip(("out", "d(qkv)"), got, want, lowp):
-        check(name, g, w, l, atol=1e-3)
+    check_against_reference(B, H, T, D, causal, torch.bfloat16, "cuda", atol=1e-3, deterministic=False)
 
 
 @gpu
