@@ -32,8 +32,9 @@ building the table, but they need the parameters, and the gradients autograd all
 into one buffer -- which fights zero_grad(set_to_none=True), DDP's buckets, checkpoint loading and
 weight tying. The table leaves every tensor where its owner put it, and it works unchanged under the
 Triton interpreter, where a CPU tensor's data_ptr() is a real address. A step is thus one
-torch._foreach_add_ on the step counters plus two launches per param group and dtype (five for
-GPT-2's two groups); the host's part is a tuple of data_ptr() calls compared with the cached key, the
+torch._foreach_add_ on the step counters plus at most two launches per param group and dtype, a launch
+with no blocks being skipped (three in all for GPT-2 124M: its decayed matrices are whole multiples of
+the block, its undecayed biases and LayerNorm weights are each shorter than one); the host's part is a tuple of data_ptr() calls compared with the cached key, the
 tables being rebuilt only when a param or grad was (re)allocated elsewhere. State tensors are meant to
 be replaced only through load_state_dict, which drops the cached tables.
 

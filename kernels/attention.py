@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import cdiv, direct, next_power_of_2, traced
+from kernels.launch import cdiv, check_float_inputs, direct, next_power_of_2, traced
 
 __all__ = ["flash_attention"]
 
@@ -77,21 +77,24 @@ _LOG2E = math.log2(math.e)
 # autotuning
 
 
-def _configs(owned, stepped, candidates, interpreter_sizes):
-    """Autotuning configs for a kernel whose programs each own an `owned`-sized block and step over
-    the other sequence `stepped` at a time; candidates are (owned, stepped, num_warps, num_stages),
-    the first one the default. The stepped size must divide the owned one: the causal diagonal stage
-    steps through the owned block. GPT2_AUTOTUNE=0 keeps the default only (tests, host-path
-    benchmarks). The interpreter gets one small config: autotuning there would only be slow, and small
-    blocks exercise the multi-block and ragged paths at the tiny T the tests use."""
+def _candidates(owned, stepped, tiles):
+    """Autotuning candidates for a kernel whose programs each own an `owned`-sized block and step over
+    the other sequence `stepped` at a time; tiles are (owned, stepped, num_warps, num_stages), the first
+    one the default. The stepped size must divide the owned one: the causal diagonal stage steps through
+    the owned block."""
+    assert all(a % b == 0 for a, b, _, _ in tiles)
+    return [triton.Config({owned: a, stepped: b}, num_warps=warps, num_stages=stages) for a, b, warps, stages in tiles]
+
+
+def _tuned(candidates):
+    """The configs the autotuner tries: every candidate; only the default with GPT2_AUTOTUNE=0 (tests,
+    host-path benchmarks). The interpreter gets one small config: autotuning there would only be slow,
+    and small blocks exercise the multi-block and ragged paths at the tiny T the tests use
+    (tests/test_attention.py checks every candidate too)."""
     if _INTERPRET:
-        a, b = interpreter_sizes
-        return [triton.Config({owned: a, stepped: b}, num_warps=4, num_stages=1)]
-    assert all(a % b == 0 for a, b, _, _ in candidates)
-    if os.environ.get("GPT2_AUTOTUNE", "1") == "0":
-        candidates = candidates[:1]
-    return [triton.Config({owned: a, stepped: b}, num_warps=warps, num_stages=stages)
-            for a, b, warps, stages in candidates]
+        owned, stepped = candidates[0].kwargs
+        return [triton.Config({owned: 32, stepped: 16}, num_warps=4, num_stages=1)]
+    return candidates[:1] if os.environ.get("GPT2_AUTOTUNE", "1") == "0" else candidates
 
 
 # forward and dq: a program owns BLOCK_M queries and steps over the keys BLOCK_N at a time;
@@ -105,17 +108,15 @@ def _configs(owned, stepped, candidates, interpreter_sizes):
 # bucket compiles a third as much. At D = 128 the larger tiles reach the register cap and dk/dv's spill;
 # they lose the tuning there, and the defaults (first) fit every head dim with Triton 3.6 and 3.9 (dk/dv's is
 # 8 warps: on 4, Triton 3.6 spills 40 bytes at D = 128). Which one wins at D = 64 is still to be timed on a GPU.
-_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 3),
-                                               (128, 64, 8, 4), (128, 128, 8, 3)], (32, 16))
-_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-                       (32, 16))
-_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
-                         (32, 16))
+_FWD_CANDIDATES = _candidates("BLOCK_M", "BLOCK_N", [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+                                                     (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)])
+_DQ_CANDIDATES = _candidates("BLOCK_M", "BLOCK_N", [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)])
+_DKDV_CANDIDATES = _candidates("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)])
 # dk/dv with the atomic dq (deterministic=False), the same way: 128 x 64 spills there, 64 x 64 on 4 warps is at
 # the cap, and the default (first) is the one that fits D = 128 without spilling (249 registers with Triton
 # 3.9, 255 with 3.6).
-_DKDV_DQ_CONFIGS = _configs("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
-                            (32, 16))
+_DKDV_DQ_CANDIDATES = _candidates("BLOCK_N", "BLOCK_M", [(64, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3),
+                                                         (64, 64, 8, 3)])
 # tuning results are kept on disk (Triton's cache), so that a restarted run does not tune again
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _AUTOTUNE = dict(key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], **_CACHE_RESULTS)  # the autotuner adds the dtypes
@@ -181,7 +182,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, lo, hi, T, 
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_tuned(_FWD_CANDIDATES), **_AUTOTUNE)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,                                   # q, k, v, o: (B, H, T, D) strided; LSE: (B, H, T) fp32
@@ -364,8 +365,8 @@ def _attn_bwd_dkdv(
 
 # Two kernels of one source, each with its own autotuner: the atomic one holds a dq tile more, so other
 # tiles fit it, and it adds into DQ_ACC, which every config tried while tuning must find zeroed.
-_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, **_AUTOTUNE)(triton.jit(_attn_bwd_dkdv))
-_dkdv_dq_kernel = triton.autotune(configs=_DKDV_DQ_CONFIGS, reset_to_zero=["DQ_ACC"], **_AUTOTUNE)(
+_dkdv_kernel = triton.autotune(configs=_tuned(_DKDV_CANDIDATES), **_AUTOTUNE)(triton.jit(_attn_bwd_dkdv))
+_dkdv_dq_kernel = triton.autotune(configs=_tuned(_DKDV_DQ_CANDIDATES), reset_to_zero=["DQ_ACC"], **_AUTOTUNE)(
     triton.jit(_attn_bwd_dkdv))
 
 
@@ -385,7 +386,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, lo, hi,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, **_AUTOTUNE)
+@triton.autotune(configs=_tuned(_DQ_CANDIDATES), **_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE, DELTA,                       # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
@@ -461,6 +462,7 @@ def _bht(x):
 
 
 def _check(q, k, v):
+    check_float_inputs("flash_attention", q=q, k=k, v=v)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"flash_attention wants q, k, v of one shape (B, H, T, D), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, direct, next_power_of_2, to_dtype, traced
+from kernels.launch import autocast_dtype, cdiv, check_float_inputs, direct, next_power_of_2, to_dtype, traced
 
 __all__ = ["linear_cross_entropy"]
 
@@ -115,9 +115,14 @@ def default_chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
 
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    check_float_inputs("linear_cross_entropy", h=h, weight=weight)
+    if targets.device != h.device:
+        raise ValueError(f"linear_cross_entropy: h is on {h.device} but targets on {targets.device}: "
+                         "move them to one device")
     if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"linear_cross_entropy: weight must be (V >= 1, C={h.shape[-1]}), got {tuple(weight.shape)}")
-    if targets.shape != h.shape[:-1] or targets.is_floating_point():
+    not_indices = targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool
+    if targets.shape != h.shape[:-1] or not_indices:
         raise ValueError(f"linear_cross_entropy: targets must be integers of shape {tuple(h.shape[:-1])}, "
                          f"got {targets.dtype} {tuple(targets.shape)}")
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import cdiv, direct, traced
+from kernels.launch import cdiv, check_float_inputs, direct, traced
 
 __all__ = ["gelu"]
 
@@ -112,6 +112,7 @@ class _GeluFunction(torch.autograd.Function):
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation; y has x's shape and dtype."""
+    check_float_inputs("gelu", x=x)
     if torch.compiler.is_compiling():
         return _gelu_op(x)
     return _GeluFunction.apply(x)

@@ -1,4 +1,5 @@
-"""The two ways a kernel file's launchers are called, and the dtype its outputs are written in.
+"""The two ways a kernel file's launchers are called, the inputs they take, and the dtype their outputs are
+written in.
 
 Every op has two paths to the same launcher:
 
@@ -104,6 +105,26 @@ def direct(kernel):
             return kernel
         launcher = _launchers[id(kernel)] = DirectLauncher(kernel)
     return launcher
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_inputs(op: str, **tensors: torch.Tensor | None) -> None:
+    """The kernels load fp32, fp16 or bf16 and compute in fp32, all operands on one device: anything else
+    (integers, fp64, a CPU tensor beside a CUDA one) is refused here, with what to pass instead, rather than
+    computed wrongly or failing inside Triton. None entries (an absent bias) are skipped."""
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} is {t.dtype}; the Triton kernels take float32, float16 or bfloat16 "
+                            f"(use the PyTorch op, --kernels=torch, for {t.dtype})")
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            raise ValueError(f"{op}: {first} is on {device} but {name} on {t.device}: move them to one device")
 
 
 def cdiv(a, b):

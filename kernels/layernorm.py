@@ -15,8 +15,9 @@ dx = ddelta = ds + dLN/ds. The sum s is rounded to its dtype before the statisti
 
 Output dtypes: s has the promoted dtype of x and delta. y has x's (or s's) dtype, except under autocast,
 where it is written in the autocast dtype: y always feeds a matmul, which would cast it anyway. The
-gradients leave in their inputs' dtypes, each written by the kernel (dx and ddelta are the same values:
-the narrower one is not a cast kernel of its own). In the model under bf16 autocast (fp32 residual x,
+gradients leave in their inputs' dtypes. dx and ddelta are the same values: when delta is narrower than x
+(as in the model) the kernel writes both, so the narrower one is not a cast kernel of its own; when x is
+the narrower one, its dx is a cast of ddelta after the kernel (no GPT-2 path does that). In the model under bf16 autocast (fp32 residual x,
 bf16 sublayer output delta) that is 12 bytes an element forward (read 4 + 2, write 4 + 2) instead of
 20 (a 4-byte y, then autocast's cast reading it and writing 2), and 16 backward (read s, ds, a 2-byte
 dy; write dx, ddelta) instead of 26 (a cast of dy to 4 bytes, and of dx to ddelta).
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, direct, to_dtype, traced
+from kernels.launch import autocast_dtype, cdiv, check_float_inputs, direct, to_dtype, traced
 from kernels.rowwise import persistent_programs, row_config
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -125,6 +126,7 @@ def _layer_norm_bwd_kernel(
 
 
 def _check(x: torch.Tensor, delta, weight: torch.Tensor, bias) -> None:
+    check_float_inputs("layer_norm", x=x, delta=delta, weight=weight, bias=bias)
     n_cols = x.shape[-1]
     if x.numel() >= 2**31 * max(n_cols, 1):
         raise ValueError(f"layer_norm takes fewer than 2**31 rows, got {x.numel() // n_cols}: split the batch")
@@ -139,7 +141,8 @@ def _forward(x, delta, weight, bias, eps, out_dtype, launch):
     """Returns s (None without delta) and y, shaped like x, and the (2, rows) fp32 mean and rstd."""
     _check(x, delta, weight, bias)
     has_delta = delta is not None
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()  # the kernel reads weight and bias as dense rows of C
+    bias = bias.contiguous() if bias is not None else None
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
     s_dtype = torch.promote_types(x.dtype, delta.dtype) if has_delta else x.dtype
@@ -165,7 +168,7 @@ def _backward(dy, ds, x, weight, stats, delta_dtype, launch):
     and write), else None. dbias is computed whether or not there is a bias: one more fp32
     accumulator, no extra traffic."""
     has_ds = ds is not None
-    x, dy = x.contiguous(), dy.contiguous()
+    x, dy, weight = x.contiguous(), dy.contiguous(), weight.contiguous()
     ds = ds.contiguous() if has_ds else dy  # a placeholder when HAS_DS is off
     n_cols = x.shape[-1]
     n_rows = x.numel() // n_cols if n_cols else 0
@@ -198,7 +201,7 @@ def _gradients(ctx, ds, dy, backward):
                                            ctx.delta_dtype)
     if ctx.delta_dtype is None:
         ddelta = None
-    elif ddelta is None or ddelta.numel() != dsum.numel():  # delta has x's dtype: its gradient is dx itself
+    elif ddelta is None or ddelta.shape != dsum.shape:  # delta has x's dtype: its gradient is dx itself
         ddelta = dsum
     dweight, dbias = dweight_dbias.unbind()  # one call; unpacking the tensor itself would iterate it, slowly
     return to_dtype(dsum, ctx.x_dtype), ddelta, dweight, dbias if ctx.has_bias else None

@@ -192,6 +192,36 @@ def test_bf16_params_fp32_states(device):
     assert e <= 1e-5, f"exp_avg_sq: {e:.2e}"
 
 
+def test_mixed_dtypes_in_one_group_with_clip(device):
+    """fp32, bf16 and fp16 parameters in one group (a table and a launch each), clipped as one: the norm over
+    every grad in its own dtype, then each update in fp32 from the parameter's value, rounded once to its
+    dtype. As in the bf16 test, each step starts the reference from the kernel's values."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float16]
+    params = [torch.nn.Parameter(torch.randn(shape, device=device).to(dtype))
+              for shape, dtype in zip([(64, 65), (37,), (BLOCK + 3,), (13, 7)], dtypes)]
+    ref_params = clone_params(params, torch.float32)
+    hyper = {**HYPER, "lr": 1e-2, "weight_decay": 0.1}
+    opt = FusedAdamW(params, **hyper)
+    ref = torch.optim.AdamW(ref_params, **hyper, foreach=False)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+    for it in range(3):
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                q.copy_(p)
+                p.grad = (10 * torch.randn(p.shape, device=device)).to(p.dtype)
+                q.grad = p.grad.to(torch.float32, copy=True)  # torch's clip scales it in place
+        norm, ref_norm = opt.clip_grad_norm_(1.0), torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        assert abs(norm.item() - ref_norm.item()) <= 1e-6 * ref_norm.item(), f"norm {norm.item()} vs {ref_norm.item()}"
+        opt.step()
+        ref.step()
+        assert max_rel_err(params[:1], ref_params[:1]) <= 1e-6, f"fp32 param, step {it}"
+        for p, q in zip(params[1:], ref_params[1:]):
+            want = round_to_bf16(q.detach()) if p.dtype == torch.bfloat16 else q.detach().to(p.dtype).float()
+            ulps = ((p.float() - want).abs() / (ulp[p.dtype] * q.detach().abs())).max().item()
+            assert ulps <= 1.0, f"{p.dtype} param, step {it}: {ulps:.2f} ulps from the reference"
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in params)
+
+
 def test_zero_grad_frees_grads_and_drops_clip(device):
     """The table cache must not keep grads alive (zero_grad(set_to_none=True) frees them), and a
     clip measured on grads that were then zeroed must not reach the next step."""

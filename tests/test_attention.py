@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import attention, launch
 from kernels.attention import attention_ref, flash_attention
 
 gpu = pytest.mark.gpu
@@ -91,6 +92,26 @@ def test_atomic_backward_matches_reference(B, H, T, D, causal, dtype, device, po
                             deterministic=False)
 
 
+AUTOTUNED = [(attention._attn_fwd, attention._FWD_CANDIDATES), (attention._attn_bwd_dq, attention._DQ_CANDIDATES),
+             (attention._dkdv_kernel, attention._DKDV_CANDIDATES), (attention._dkdv_dq_kernel, attention._DKDV_DQ_CANDIDATES)]
+
+
+@pytest.mark.parametrize("candidate", range(max(len(candidates) for _, candidates in AUTOTUNED)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_autotuning_candidate(candidate, causal, device, monkeypatch, poison):
+    """Training autotunes among every candidate tile; the other tests run the default one (GPT2_AUTOTUNE=0) or,
+    in the interpreter, a small one. Here each autotuner is held to its candidate number `candidate` (the
+    last one where it has fewer), both backward variants, at a T that no tile divides."""
+    chosen = {tuner: candidates[min(candidate, len(candidates) - 1)] for tuner, candidates in AUTOTUNED}
+    for tuner, config in chosen.items():
+        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(launch, "_launchers", {})  # the eager path's bound kernels, chosen under other configs
+    for deterministic in (True, False):
+        check_against_reference(1, 2, 130, 64, causal, torch.float32, device, atol=1e-5, deterministic=deterministic)
+    assert all(tuner.best_config is config for tuner, config in chosen.items())
+
+
 def test_separate_tensors_and_scale(device):
     """Separate dense q, k, v in three layouts, a custom sm_scale, grads through .sum() (dO of stride 0)."""
     B, H, T, D = 2, 3, 33, 32
@@ -162,6 +183,19 @@ def test_rejects_bad_shapes(device):
         flash_attention(q, q, q)
     with pytest.raises(ValueError, match="one shape"):
         flash_attention(q[..., :32], q[:, :, :4, :32], q[..., :32])
+
+
+def test_rejects_bad_dtypes_and_devices(device):
+    """fp64 would run at fp32 precision forward and give wrong gradients; integers fail inside Triton."""
+    q = torch.randn(1, 1, 8, 32, device=device)
+    with pytest.raises(TypeError, match="k is torch.float64"):
+        flash_attention(q, q.double(), q)
+    with pytest.raises(TypeError, match="q is torch.int64"):
+        flash_attention(*[torch.ones(1, 1, 8, 32, dtype=torch.int64, device=device)] * 3)
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="q is on .* but v on meta"):
+        flash_attention(q, q, torch.empty(1, 1, 8, 32, device="meta"))
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

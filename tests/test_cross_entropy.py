@@ -169,7 +169,7 @@ def test_no_rows(device):
 def test_compile_path_runs_the_same_launches(device, monkeypatch):
     """The custom ops (the torch.compile path), run eagerly, give bitwise what the autograd.Functions give."""
     h, weight, targets = make_inputs(37, 1000, 24, torch.float32, device)
-    for reduction in ("mean", "none"):
+    for reduction in ("mean", "sum", "none"):
         grad = output_grad(37, reduction, device)
         eager = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, chunk_rows=10)
         with monkeypatch.context() as patch:
@@ -234,6 +234,14 @@ def test_bad_arguments_are_clear_errors(device):
         linear_cross_entropy(h, weight[:, :7], targets)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, weight, targets[:3])
+    with pytest.raises(ValueError, match="targets must be integers"):
+        linear_cross_entropy(h, weight, targets > 3)
+    with pytest.raises(TypeError, match="weight is torch.int64"):
+        linear_cross_entropy(h, weight.long(), targets)
+    with pytest.raises(TypeError, match="h is torch.float64"):
+        linear_cross_entropy(h.double(), weight, targets)
+    with pytest.raises(ValueError, match="targets on meta"):
+        linear_cross_entropy(h, weight, targets.to("meta"))
 
 
 # ---------------------------------------------------------------------------------------------

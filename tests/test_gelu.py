@@ -66,6 +66,13 @@ def test_compile_path_runs_the_same_launches(device, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(eager, run(gelu, x, dy)))
 
 
+def test_bad_dtypes_are_clear_errors(device):
+    with pytest.raises(TypeError, match="x is torch.int64"):
+        gelu(torch.arange(-3, 4, device=device))
+    with pytest.raises(TypeError, match="x is torch.float64"):
+        gelu(torch.randn(5, dtype=torch.float64, device=device))
+
+
 def test_empty(device):
     x = torch.empty(0, 5, device=device, requires_grad=True)
     y = gelu(x)

@@ -172,12 +172,40 @@ def test_compile_path_runs_the_same_launches(device, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled_path))
 
 
-def test_no_rows(device):
-    x, weight, bias = make_inputs((0, 768), torch.float32, device)
+@pytest.mark.parametrize("path", ["eager", "compile"])
+def test_no_rows(path, device, monkeypatch):
+    """Zero rows, on both paths: the custom op stands in an empty tensor for a ddelta that dx is, which must
+    not be taken for a real one when dx is empty too."""
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, delta, weight, bias = make_inputs((0, 768), torch.float32, device, n=2)
     y = layer_norm(x, weight, bias)
-    y.sum().backward()
-    assert y.shape == (0, 768) and x.grad.shape == (0, 768)
+    s, y2 = add_layer_norm(x, delta, weight, bias)
+    (y.sum() + s.sum() + y2.sum()).backward()
+    assert y.shape == s.shape == (0, 768) and x.grad.shape == delta.grad.shape == (0, 768)
     assert not weight.grad.any() and not bias.grad.any()
+
+
+def test_strided_parameters_and_inputs(device, poison):
+    """Every operand a view with strides of its own: a row-strided x, a transposed delta, a weight that is
+    every other element of a longer tensor, a bias expanded from one element. (run() clones its leaves,
+    which makes a strided slice dense; here the views themselves go in.)"""
+    bases = [torch.randn(9, 260, device=device) * 2 + 1, torch.randn(200, 9, device=device) * 2 + 1,
+             torch.randn(400, device=device), torch.randn(1, device=device)]
+    grads = [torch.randn(9, 200, device=device), torch.randn(9, 200, device=device)]
+
+    def outputs_and_base_grads(fn, bases):
+        leaves = [b.detach().clone().requires_grad_() for b in bases]
+        x, delta, weight, bias = leaves[0][:, 30:230], leaves[1].t(), leaves[2][::2], leaves[3].expand(200)
+        outs = fn(x, delta, weight, bias)
+        torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    got = outputs_and_base_grads(add_layer_norm, bases)
+    ref = outputs_and_base_grads(torch_add_layer_norm, as_f64(bases))
+    for name, g, r in zip(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, ref):
+        err = (g.double() - r).abs().max().item()
+        assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
 
 def test_weight_grads_are_deterministic(device):
@@ -197,6 +225,18 @@ def test_bad_shapes_are_clear_errors(device):
     with pytest.raises(ValueError, match="at most"):
         big = torch.randn(1, 1 << 15, device=device)
         layer_norm(big, torch.ones(1 << 15, device=device), None)
+
+
+def test_bad_dtypes_and_devices_are_clear_errors(device):
+    """Integers and fp64 are refused (the kernels compute in fp32 and would truncate or lose precision
+    silently), as are operands on two devices."""
+    x, w = torch.randn(4, 64, device=device), torch.ones(64, device=device)
+    with pytest.raises(TypeError, match="x is torch.int64"):
+        layer_norm(torch.arange(256, device=device).view(4, 64), w, None)
+    with pytest.raises(TypeError, match="delta is torch.float64.*--kernels=torch"):
+        add_layer_norm(x, x.double(), w, None)
+    with pytest.raises(ValueError, match="x is on .* but weight on meta"):
+        layer_norm(x, torch.ones(64, device="meta"), None)
 
 
 def test_reference_upcasts():
