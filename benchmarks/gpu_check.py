@@ -2,21 +2,32 @@
 
     python benchmarks/gpu_check.py                    # on a GPU: writes benchmarks/results/<gpu>/
     python benchmarks/gpu_check.py --budget 300       # seconds for all sections together (default 420)
+    python benchmarks/gpu_check.py --sections step-B64,ablation,restart   # a second command: the rest
     python benchmarks/gpu_check.py --smoke --out DIR  # on a CPU: every section at tiny sizes (CI)
 
-Sections, most important first; each runs in a child process (a crash is a finding, not the end of
-the check), a section is skipped when the time left is below its estimate, and whatever was measured
-is written, in gpu_check.md (tables) and gpu_check.json, as each section ends:
+On a lent machine whose files come back only from one folder, and only a few of them, --archive keeps
+a .tar.gz of the results folder up to date after every section, so that a command stopped at its time
+limit still returns everything measured before:
 
-  tests      the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in tests.log
-  step B=16  the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
+    timeout 570 python benchmarks/gpu_check.py --out gpu_results --archive $OUT/gpu_check.tar.gz
+
+Sections, most important first; each runs in a child process of its own process group (a crash is a
+finding, not the end of the check; at its time limit the whole group is killed, pytest included).
+A section is skipped when the time left is below its estimate: at the default budget, expect the first
+three; --sections runs the others in a later command. A child reports each row (a provider's step, a
+kernel's table) as it is measured, so a section stopped at its limit keeps the rows it finished, and
+gpu_check.md (tables) and gpu_check.json are written as each section ends:
+
+  tests      the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in tests.log,
+             written as they run, with the slowest tests' durations
+  step-B16   the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
              triton, eager and torch.compile'd, and triton+compile with attention's atomic dq backward
              (--no-deterministic): ms, tokens/s, MFU (datasheet bf16 peak), peak memory, and the
              seconds to the first step (compilation and autotuning included)
   kernels    every kernel benchmark at GPT-2 shapes (the configs its targets are set at, else one;
              benchmarks/run.py's tables and plots), and each autotuned kernel's choice with every
              candidate's time
-  step B=64  the same providers again at the micro-batch of GPT-2 124M's real run
+  step-B64   the same providers again at the micro-batch of GPT-2 124M's real run
   ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
   restart    triton+compile and torch+compile again in a new process: the start-up with warm caches
              (compiled kernels, tuning results), the second start of a run or a second rank
@@ -25,8 +36,10 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -46,29 +59,37 @@ def sections(smoke: bool) -> list:
     core = ("torch", "triton") if smoke else (*CORE, ATOMIC)  # torch.compile cannot trace the interpreter
     return [
         ("tests", 90, 180, ["tests"]),
-        ("step B=16", 180, 270, ["steps", str(batch), *core]),
+        ("step-B16", 180, 270, ["steps", str(batch), *core]),
         ("kernels", 100, 180, ["kernels"]),
-        ("step B=64", 150, 210, ["steps", str(batch if smoke else 64), *core]),
+        ("step-B64", 150, 210, ["steps", str(batch if smoke else 64), *core]),
         ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
         ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
     ]
 
 
 # ---------------------------------------------------------------------------------------------
-# the children: each measures one section and prints its result as the last line of JSON
+# the children: each measures one section and reports each row as one line of JSON as it is done
+
+ROW = "gpu_check row: "
 
 
-def run_tests(smoke: bool) -> dict:
-    env = {**os.environ, "GPT2_AUTOTUNE": "0"}
-    args = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+def report_row(row) -> None:
+    print(ROW + json.dumps(row), flush=True)
+
+
+def run_tests(smoke: bool, out_dir: pathlib.Path) -> None:
+    env = {**os.environ, "GPT2_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "--durations=15"]
     if smoke:
         args.append("--collect-only")  # no GPU: check that the GPU tests are found
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-    summary = (result.stdout.strip().splitlines() or [""])[-1]
-    return {"returncode": result.returncode, "summary": summary, "log": result.stdout[-20000:] + result.stderr[-5000:]}
+    log = out_dir / "tests.log"
+    with open(log, "w") as f:  # written as pytest goes: a section killed at its limit leaves what ran
+        result = subprocess.run(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    summary = (log.read_text().strip().splitlines() or [""])[-1]
+    report_row({"returncode": result.returncode, "summary": summary})
 
 
-def run_steps(batch: int, providers: list, smoke: bool) -> list:
+def run_steps(batch: int, providers: list, smoke: bool) -> None:
     import torch
 
     import bench_train
@@ -78,7 +99,6 @@ def run_steps(batch: int, providers: list, smoke: bool) -> list:
     config = {"model": "tiny" if smoke else "124M", "B": batch, "T": 32 if smoke else 1024}
     flops_per_step = bench_train.flops_per_step(config)
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    rows = []
     for provider in providers:
         row = {"provider": provider, **config}
         try:
@@ -97,11 +117,10 @@ def run_steps(batch: int, providers: list, smoke: bool) -> list:
                 row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as err:  # a provider that crashes is a result
             row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
-        rows.append(row)
+        report_row(row)
         step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 def _sync(device):
@@ -127,7 +146,7 @@ def _median_ms(step, device, n: int) -> float:
 TARGET_CONFIGS = {"attention": 2, "layernorm": 4}
 
 
-def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
+def run_kernels(smoke: bool, out_dir: pathlib.Path) -> None:
     """Each kernel benchmark at its first configs (TARGET_CONFIGS), tables written."""
     import dataclasses
 
@@ -139,7 +158,7 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
     device = torch.device("cpu" if smoke else "cuda")
     env = harness.environment(device)
     ceilings = {} if smoke else harness.measure_ceilings(device)
-    names, benchmarks = [], discover()
+    benchmarks = discover()
     if not smoke:
         _tune_afresh()
     for name, bench in benchmarks.items():
@@ -151,9 +170,8 @@ def run_kernels(smoke: bool, out_dir: pathlib.Path) -> list:
             bench = dataclasses.replace(bench, configs=bench.configs[:TARGET_CONFIGS.get(name, 1)])
             rows = (harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step)(bench, device, ceilings)
             harness.write_results(bench, rows, env, ceilings, out_dir)
-        names.append({"benchmark": name, "table": harness.markdown_table(bench, rows)})
-    names.append({"benchmark": "autotuning: the config each autotuned kernel chose", "table": tuning_table()})
-    return names
+        report_row({"benchmark": name, "table": harness.markdown_table(bench, rows)})
+    report_row({"benchmark": "autotuning: the config each autotuned kernel chose", "table": tuning_table()})
 
 
 def _tune_afresh() -> None:
@@ -195,33 +213,37 @@ def child(argv) -> None:
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if kind == "tests":
-        result = run_tests(smoke)
+        run_tests(smoke, out_dir)
     elif kind == "steps":
-        result = run_steps(int(argv[2]), argv[3:], smoke)
+        run_steps(int(argv[2]), argv[3:], smoke)
     else:
-        result = run_kernels(smoke, out_dir)
-    print("\n" + json.dumps(result))
+        run_kernels(smoke, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
 # the parent: sections under a deadline, results written as they come
 
 
+def child_command(args, out_dir, smoke) -> list:
+    return [sys.executable, __file__, "--child", args[0], str(out_dir), *args[1:], *(["--smoke"] if smoke else [])]
+
+
 def run_section(name, args, out_dir, smoke, timeout) -> dict:
-    command = [sys.executable, __file__, "--child", args[0], str(out_dir), *args[1:], *(["--smoke"] if smoke else [])]
+    """Runs a child in a process group of its own; its rows, with an error when it failed or ran out of time."""
     start = time.perf_counter()
+    child = subprocess.Popen(child_command(args, out_dir, smoke), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # its output comes as bytes, text=True or not
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        return {"section": name, "error": f"timed out after {timeout:.0f} s", "stderr": stderr[-3000:]}
-    record = {"section": name, "seconds": round(time.perf_counter() - start, 1)}
-    last = (result.stdout.strip().splitlines() or [""])[-1]
-    try:
-        record["result"] = json.loads(last)
-    except json.JSONDecodeError:
-        record["error"] = f"exit code {result.returncode}"
-        record["stderr"] = result.stderr[-3000:]
+        stdout, stderr = child.communicate(timeout=timeout)
+        error = f"exit code {child.returncode}" if child.returncode else None
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started (pytest), not the child alone
+        stdout, stderr = child.communicate()
+        error = f"timed out after {timeout:.0f} s"
+    rows = [json.loads(line[len(ROW):]) for line in stdout.splitlines() if line.startswith(ROW)]
+    record = {"section": name, "seconds": round(time.perf_counter() - start, 1), "result": rows}
+    if error:
+        record.update(error=f"{error}; {len(rows)} rows measured before", stderr=stderr[-3000:])
     return record
 
 
@@ -229,17 +251,19 @@ def markdown(env: dict, records: list) -> str:
     lines = ["# GPU check", "", *(f"- {k}: {v}" for k, v in env.items()), ""]
     for record in records:
         lines += [f"## {record['section']}  ({record.get('seconds', '-')} s)", ""]
-        if "error" in record or "skipped" in record:
-            lines += [f"{record.get('error') or record.get('skipped')}", "", "```", record.get("stderr", "")[-1500:], "```", ""]
+        if "skipped" in record:
+            lines += [record["skipped"], ""]
             continue
-        result = record["result"]
+        if "error" in record:
+            lines += [f"**{record['error']}**", "", "```", record.get("stderr", "")[-1500:], "```", ""]
+        rows = record["result"]
         if record["section"] == "tests":
-            lines += [f"exit code {result['returncode']}: {result['summary']} (full output: tests.log)", ""]
+            lines += [f"exit code {row['returncode']}: {row['summary']} (full output: tests.log)" for row in rows] + [""]
         elif record["section"] == "kernels":
-            for entry in result:
+            for entry in rows:
                 lines += [f"### {entry['benchmark']}", "", entry["table"], ""]
-        else:
-            lines += [step_table(result), ""]
+        elif rows:
+            lines += [step_table(rows), ""]
     return "\n".join(lines)
 
 
@@ -259,6 +283,14 @@ def step_table(rows) -> str:
     return "\n".join(lines)
 
 
+def archive(folder: pathlib.Path, path: pathlib.Path) -> None:
+    """folder as a .tar.gz at path, replaced whole (written beside it, then renamed): never half written."""
+    partial = path.with_name(path.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    partial.replace(path)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -268,7 +300,15 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter), for CI")
     parser.add_argument("--budget", type=float, default=420, help="seconds for all sections together")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>)")
+    parser.add_argument("--sections", help=f"comma list of the sections to run, in their order (default all: "
+                                           f"{','.join(name for name, *_ in sections(False))})")
+    parser.add_argument("--archive", help="a .tar.gz of the results folder, rewritten after every section")
     args = parser.parse_args(argv)
+    names = [name for name, *_ in sections(args.smoke)]
+    chosen = args.sections.split(",") if args.sections else names
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; the sections are {','.join(names)}")
 
     import torch
 
@@ -286,7 +326,7 @@ def main(argv=None) -> int:
     records = []
     for name, estimate, most, child_args in sections(args.smoke):
         left = deadline - time.perf_counter()
-        if child_args[0] == "steps" and len(child_args) == 2:  # no providers: nothing to do here
+        if name not in chosen or (child_args[0] == "steps" and len(child_args) == 2):  # no providers: nothing to do
             continue
         if left < estimate and not args.smoke:
             records.append({"section": name, "skipped": f"skipped: {left:.0f} s left, it takes about {estimate} s"})
@@ -294,10 +334,10 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             timeout = None if args.smoke else min(left, most)
             records.append(run_section(name, child_args, out_dir, args.smoke, timeout))
-        if name == "tests" and "result" in records[-1]:
-            (out_dir / "tests.log").write_text(records[-1]["result"].pop("log"))
         (out_dir / "gpu_check.json").write_text(json.dumps({"environment": env, "sections": records}, indent=1))
         (out_dir / "gpu_check.md").write_text(markdown(env, records))
+        if args.archive:
+            archive(out_dir, pathlib.Path(args.archive))
     print((out_dir / "gpu_check.md").read_text())
     failed = [r["section"] for r in records if "error" in r]
     return 1 if failed else 0

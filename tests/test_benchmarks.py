@@ -3,6 +3,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
+import time
 
 import torch
 
@@ -29,10 +31,60 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
-    for section in ("## tests", "## step B=16", "## kernels", "## step B=64"):
+    for section in ("## tests", "## step-B16", "## kernels", "## step-B64"):
         assert section in report
     assert "| triton | 2 |" in report and "error" not in report.lower()
     assert (tmp_path / "tests.log").exists()
+
+
+def test_gpu_check_section_out_of_time_keeps_its_rows(tmp_path, monkeypatch):
+    """A section stopped at its time limit: the rows it reported before are kept, and everything it started
+    (pytest, in the tests section) is killed with it, not left running beside the next section."""
+    import gpu_check
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = (f"import json, subprocess, sys, time\n"
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              f"print({gpu_check.ROW!r} + json.dumps({{'provider': 'torch', 'B': 2, 'ms': 1.0}}), flush=True)\n"
+              f"time.sleep(120)\n")
+    monkeypatch.setattr(gpu_check, "child_command", lambda *args: [sys.executable, "-c", script])
+    start = time.perf_counter()
+    record = gpu_check.run_section("step-B16", ["steps"], tmp_path, False, timeout=5)
+    assert time.perf_counter() - start < 60, "waited for the section's grandchild to end on its own"
+    assert record["result"] == [{"provider": "torch", "B": 2, "ms": 1.0}]
+    assert record["error"].startswith("timed out after 5 s; 1 rows"), record
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed at once; reaped by init a moment later
+        if not pathlib.Path(f"/proc/{grandchild}").exists() or "Z" in _proc_state(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the section's grandchild {grandchild} is still running")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_gpu_check_archive_and_sections(tmp_path):
+    """--sections runs the named sections only; --archive holds the results folder after each one."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out, archive = tmp_path / "results", tmp_path / "check.tar.gz"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--sections",
+                             "tests", "--archive", str(archive)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (out / "gpu_check.md").read_text()
+    assert "## tests" in report and "## step-B16" not in report
+    with tarfile.open(archive) as tar:
+        assert {"results/gpu_check.md", "results/tests.log"} <= set(tar.getnames())
+    bad = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--sections", "steps"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--sections: unknown steps" in bad.stderr
 
 
 def test_gpu_check_tables_each_autotuners_choice(monkeypatch):
