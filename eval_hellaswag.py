@@ -31,7 +31,10 @@ def parse_args(argv=None) -> EvalConfig:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (static padded shapes)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    return EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    try:
+        return EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    except ValueError as err:  # a flag out of range: argparse's usage line and message, exit 2
+        parser.error(str(err))
 
 
 def main(argv=None) -> dict:

@@ -14,17 +14,21 @@ import argparse
 import sys
 
 from gpt2 import GPT
-from gpt2.ops import KernelsError
+from gpt2.ops import KernelsError, resolve
 from gpt2.runtime import pick_device
 from gpt2.sampling import check_sampling_args, format_samples, sample_text
+from gpt2.tokenizer import check_vocab
 
 
 def load(args, device) -> GPT:
     if args.checkpoint:
         from gpt2.checkpoint import load_model
 
-        return load_model(args.checkpoint, device, kernels=args.kernels)
-    return GPT.from_pretrained(args.init_from, kernels=args.kernels).to(device)
+        model = load_model(args.checkpoint, device, kernels=args.kernels)
+    else:
+        model = GPT.from_pretrained(args.init_from, kernels=resolve(args.kernels, device)).to(device)
+    check_vocab(model.config.vocab_size, args.checkpoint or args.init_from)
+    return model
 
 
 def main(argv=None) -> int:

@@ -39,11 +39,14 @@ from dataclasses import dataclass
 import torch
 
 from gpt2.runtime import all_reduce_sum, autocast, init_distributed, shutdown_distributed
-from gpt2.tokenizer import encode
+from gpt2.tokenizer import check_vocab, encode
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-STYLES = ("completion", "harness")
-EXAMPLE_KEYS = ("ctx", "endings", "label")  # what the completion style reads; the harness style reads more
+STYLE_KEYS = {  # what each style reads of an example
+    "completion": ("ctx", "endings", "label"),
+    "harness": ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+}
+STYLES = tuple(STYLE_KEYS)
 PAD_MULTIPLE = 64  # sequence lengths are padded up to this, so torch.compile sees a few shapes only
 
 
@@ -76,9 +79,11 @@ def download(url: str = URL, directory: pathlib.Path | None = None, local_flag: 
     return path
 
 
-def load_examples(path: str | None = None, limit: int | None = None, local_flag: str = "--data") -> list[dict]:
+def load_examples(path: str | None = None, limit: int | None = None, local_flag: str = "--data",
+                  style: str = "completion") -> list[dict]:
     """The validation examples as dicts (ctx, ctx_a, ctx_b, activity_label, endings, label), in file order;
-    downloaded when path is None (local_flag: see download)."""
+    downloaded when path is None (local_flag: see download). Each is checked for what `style` reads."""
+    check_style(style)
     path = pathlib.Path(path) if path else download(local_flag=local_flag)
     if not path.is_file():
         raise FileNotFoundError(f"HellaSwag file {path} does not exist")
@@ -88,22 +93,40 @@ def load_examples(path: str | None = None, limit: int | None = None, local_flag:
             if limit is not None and len(examples) >= limit:
                 break
             if line.strip():
-                examples.append(parse_example(line, f"{path}:{lineno}"))
+                examples.append(parse_example(line, f"{path}:{lineno}", style))
     return examples
 
 
-def parse_example(line: str, where: str) -> dict:
-    """One line of hellaswag_val.jsonl; `where` (file:line) names it in the error."""
+def parse_example(line: str, where: str, style: str = "completion") -> dict:
+    """One line of hellaswag_val.jsonl, with the keys `style` reads, 4 endings and a label of 0..3; `where`
+    (file:line) names it in the error, so that a bad line fails here and not as a shape error when scored."""
     try:
         example = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not a JSON object ({err.msg}, column {err.colno}); "
                          "expected a line of HellaSwag's hellaswag_val.jsonl") from None
-    missing = [key for key in EXAMPLE_KEYS if not isinstance(example, dict) or key not in example]
+    keys = STYLE_KEYS[style]
+    missing = [key for key in keys if not isinstance(example, dict) or key not in example]
     if missing:
-        raise ValueError(f"{where}: a HellaSwag example needs {', '.join(EXAMPLE_KEYS)}; "
+        raise ValueError(f"{where}: a HellaSwag example needs {', '.join(keys)} (--style {style}); "
                          f"this line lacks {', '.join(missing)}")
+    not_text = [key for key in keys if key not in ("endings", "label") and not isinstance(example[key], str)]
+    if not_text:
+        raise ValueError(f"{where}: {not_text[0]} must be a string, got {example[not_text[0]]!r:.80}")
+    endings = example["endings"]
+    if not isinstance(endings, list) or not all(isinstance(ending, str) for ending in endings):
+        raise ValueError(f"{where}: endings must be a list of strings, got {endings!r:.80}")
+    if len(endings) != 4:
+        raise ValueError(f"{where}: a HellaSwag example has 4 endings; this line has {len(endings)}")
+    label = example["label"]
+    if str(label) not in ("0", "1", "2", "3"):  # an int, or the string that Hugging Face's copy stores
+        raise ValueError(f"{where}: label must be 0, 1, 2 or 3 (the index of the right ending), got {label!r}")
     return example
+
+
+def check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"unknown HellaSwag style {style!r}: choose from {', '.join(STYLES)}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -212,8 +235,7 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
 
     Returns {"acc", "acc_norm", "n", "correct", "correct_norm"} over all ranks.
     """
-    if style not in STYLES:
-        raise ValueError(f"unknown HellaSwag style {style!r}: choose from {', '.join(STYLES)}")
+    check_style(style)
     shard = examples[rank::world_size]
     rows = 4 * batch_size if (pad if pad is not None else hasattr(model, "_orig_mod")) else None
     counts = torch.zeros(3, dtype=torch.long)  # n, correct, correct_norm on this rank
@@ -262,6 +284,12 @@ class EvalConfig:
     compile: bool = False
     out: str | None = None            # JSON file for {"acc", "acc_norm", "n", "style", "model"}
 
+    def __post_init__(self):
+        for flag in ("limit", "batch_size"):  # limit None: every example
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be positive, got {value}")
+
 
 def load_model(config: EvalConfig, device):
     """The model to score: HF GPT-2 weights (--model) or one of train.py's checkpoints (--checkpoint)."""
@@ -270,17 +298,22 @@ def load_model(config: EvalConfig, device):
     if config.checkpoint is not None:
         from gpt2.checkpoint import load_model as load_checkpoint  # lazy: only this branch needs it
 
-        return load_checkpoint(config.checkpoint, device, config.kernels)
-    from gpt2.model import GPT
+        model = load_checkpoint(config.checkpoint, device, config.kernels)
+    else:
+        from gpt2.model import GPT
+        from gpt2.ops import resolve
 
-    return GPT.from_pretrained(config.model, kernels=config.kernels).to(device)
+        model = GPT.from_pretrained(config.model, kernels=resolve(config.kernels, device)).to(device)
+    check_vocab(model.config.vocab_size, config.model or config.checkpoint)
+    return model
 
 
 def run(config: EvalConfig) -> dict:
     """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary."""
     ddp, device = init_distributed(config.device)
     try:
-        examples = load_examples(config.data, config.limit)  # a bad file fails before the model loads
+        # a bad file fails before the model loads
+        examples = load_examples(config.data, config.limit, style=config.style)
         model = load_model(config, device)
         if config.compile:
             # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes

@@ -26,6 +26,16 @@ HF_MODELS = {  # name -> (n_layer, n_head, n_embd); all have block_size 1024, vo
 }
 # HF stores these as Conv1D, weight (in, out); nn.Linear wants (out, in)
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPT2Config settings that GPT-2 has and this model hard-codes: name -> GPT-2's value. A checkpoint that
+# differs is refused, not loaded into a model that computes something else. (reorder_and_upcast_attn
+# is not here: it only moves the attention scaling and upcasts it to fp32, the same math.)
+HF_FIXED = {
+    "tie_word_embeddings": True,            # one matrix for wte and lm_head
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,             # scores / sqrt(head size)
+    "scale_attn_by_inverse_layer_idx": False,
+}
+HF_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's tanh approximation, under its two names
 
 
 @dataclass
@@ -175,7 +185,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, top_k=50, temperature=1.0, generator=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens; top_k=1 or temperature=0 is greedy.
+        """Extend idx (B, T) by max_new_tokens sampled tokens; top_k=1 or temperature=0 is greedy, and
+        top_k None or <= 0 samples from every token (no top-k).
 
         The context is cropped to block_size; padded vocabulary ids are never produced. For a given
         torch.Generator (on idx's device) the result is deterministic.
@@ -188,7 +199,7 @@ class GPT(nn.Module):
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
+                if top_k is not None and 0 < top_k < logits.size(-1):
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)
@@ -204,6 +215,9 @@ class GPT(nn.Module):
         """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or a
         local directory written by `save_pretrained` (ours or transformers'). kernels: a --kernels
         value or a resolved op set."""
+        # the op set first: importing transformers imports triton, and the Triton interpreter (no CUDA)
+        # must be switched on before that (see gpt2/ops.py)
+        ops = ops_module.resolve(kernels)
         from transformers import GPT2LMHeadModel
 
         # a hub name wins over a folder of the same name (this repository has a gpt2/ package)
@@ -222,12 +236,12 @@ class GPT(nn.Module):
                 "Offline, pass a local directory written by save_pretrained instead of a hub name."
             ) from None
         hf_config = hf.config
-        if getattr(hf_config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{name_or_dir}: activation {hf_config.activation_function!r} is not GPT-2's tanh GELU")
+        _check_hf_config(hf_config, name_or_dir)
+        # real_vocab_size stays the GPT-2 BPE's 50257 (capped at vocab_size): rows past it are padding,
+        # e.g. a save_pretrained of a model trained with vocab_size 50304 by another tool
         config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
-                           n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-                           real_vocab_size=hf_config.vocab_size)
-        model = cls(config, ops_module.resolve(kernels))
+                           n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
+        model = cls(config, ops)
         ours = model.state_dict()
         theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         missing = set(ours) - set(theirs)
@@ -236,7 +250,9 @@ class GPT(nn.Module):
         with torch.no_grad():
             for key, target in ours.items():
                 source = theirs[key].t() if key.endswith(HF_TRANSPOSED) else theirs[key]
-                assert source.shape == target.shape, f"{key}: {tuple(source.shape)} vs ours {tuple(target.shape)}"
+                if source.shape != target.shape:
+                    raise ValueError(f"{name_or_dir}: {key} is {tuple(source.shape)} in the weights but "
+                                     f"{tuple(target.shape)} by its config.json: the directory is inconsistent")
                 target.copy_(source)
         return model
 
@@ -287,3 +303,19 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True)
         return 6 * n + 6 * self.config.n_layer * self.config.n_embd * T
 
+
+def _check_hf_config(hf_config, name: str) -> None:
+    """ValueError, naming the setting, for a Hugging Face GPT-2 config this model cannot represent."""
+    activation = getattr(hf_config, "activation_function", "gelu_new")
+    if activation not in HF_GELUS:
+        raise ValueError(f"{name}: activation_function={activation!r} is not supported: this model has GPT-2's "
+                         f"tanh GELU ({' or '.join(HF_GELUS)})")
+    n_inner = getattr(hf_config, "n_inner", None)  # None means 4 * n_embd
+    if n_inner not in (None, 4 * hf_config.n_embd):
+        raise ValueError(f"{name}: n_inner={n_inner} is not supported: this model's MLP is 4 * n_embd = "
+                         f"{4 * hf_config.n_embd} wide")
+    for setting, gpt2_value in HF_FIXED.items():
+        value = getattr(hf_config, setting, gpt2_value)
+        if value != gpt2_value:
+            raise ValueError(f"{name}: {setting}={value!r} is not supported: this model hard-codes GPT-2's "
+                             f"{setting}={gpt2_value!r}")

@@ -160,13 +160,16 @@ def _is_cuda(device) -> bool:
 
 
 def _use_interpreter() -> None:
-    """Turn on the Triton interpreter; it must be on before a kernel module is imported (triton.jit
-    reads it when the kernel is defined)."""
+    """Turn on the Triton interpreter. It must be on before triton itself is first imported, not only
+    before our kernels: triton.jit reads it when a function is defined, and triton's own library
+    (tl.sum's combine function, ...) is defined at import, so a kernel interpreted on top of a compiled
+    library fails inside the interpreter. Whatever imports transformers imports triton with it."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
-    if any(name.startswith("kernels.") for name in sys.modules):
-        raise KernelsError("the Triton kernels were already loaded for the GPU in this process, so they cannot "
-                           "run on this CPU device: use --kernels=torch, or set TRITON_INTERPRET=1 before starting")
+    if "triton" in sys.modules:
+        raise KernelsError("triton was imported in this process before the Triton interpreter was switched on, so "
+                           "the Triton kernels cannot run on this CPU device: start the command with "
+                           "TRITON_INTERPRET=1, or use --kernels=torch")
     os.environ["TRITON_INTERPRET"] = "1"
 
 

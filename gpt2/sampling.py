@@ -32,7 +32,7 @@ def sample_text(model, prompt: str, num_samples: int = 4, max_new_tokens: int = 
     was_training = model.training
     model.eval()
     with autocast(device, dtype):
-        out = model.generate(idx, max_new_tokens, top_k=top_k or None, temperature=temperature,
+        out = model.generate(idx, max_new_tokens, top_k=top_k, temperature=temperature,
                              generator=generator)
     model.train(was_training)
     return [decode(row) for row in out.tolist()]

@@ -36,6 +36,14 @@ def available() -> bool:
     return True
 
 
+def check_vocab(vocab_size: int, model: str) -> None:
+    """ValueError unless a model with vocab_size token ids can read every GPT-2 BPE token (sample.py and
+    eval_hellaswag.py feed it text through this BPE; a smaller embedding fails on the first large id)."""
+    if vocab_size < VOCAB_SIZE:
+        raise ValueError(f"{model} has {vocab_size} token ids, fewer than the {VOCAB_SIZE} of the GPT-2 BPE "
+                         f"that this script feeds it: use a model with vocab_size >= {VOCAB_SIZE}")
+
+
 def encode(text: str) -> list[int]:
     """Tokens of plain text; special-token strings in it are encoded as ordinary text."""
     return get_encoding().encode_ordinary(text)

@@ -4,6 +4,7 @@ The reference renders and scores one example at a time, with the Hugging Face to
 float64, written from the two styles' definitions; our batched, padded, sharded path must agree.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -176,9 +177,80 @@ def test_harness_preprocess():
 def test_download_offline_names_data_flag(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="--data FILE"):
         hellaswag.download("http://127.0.0.1:9/hellaswag_val.jsonl", tmp_path)
-    (tmp_path / "hellaswag_val.jsonl").write_text('{"ctx": "a", "endings": [], "label": 0}\n' * 3)
+    (tmp_path / "hellaswag_val.jsonl").write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n' * 3)
     monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
     assert len(hellaswag.load_examples(limit=2)) == 2   # the cached copy, no network
+
+
+GOOD = {"activity_label": "Cooking", "ctx_a": "A man cuts an onion.", "ctx_b": "he", "ctx": "A man cuts an onion. He",
+        "endings": ["cries.", "sings.", "swims.", "flies."], "label": 0}
+DROP = object()
+
+
+@pytest.mark.parametrize("style, change, message", [
+    ("harness", {"ctx_a": DROP}, "needs activity_label, ctx_a, ctx_b, endings, label (--style harness); this line "
+                                 "lacks ctx_a"),
+    ("harness", {"activity_label": DROP, "ctx_b": DROP}, "lacks activity_label, ctx_b"),
+    ("completion", {"ctx": DROP}, "lacks ctx"),
+    ("completion", {"endings": ["a", "b", "c"]}, "a HellaSwag example has 4 endings; this line has 3"),
+    ("completion", {"endings": "abcd"}, "endings must be a list of strings"),
+    ("harness", {"ctx_b": None}, "ctx_b must be a string"),
+    ("completion", {"label": 7}, "label must be 0, 1, 2 or 3 (the index of the right ending), got 7"),
+    ("completion", {"label": -1}, "got -1"),
+])
+def test_bad_lines_are_errors_that_name_the_line(tmp_path, style, change, message):
+    bad = {key: value for key, value in {**GOOD, **change}.items() if value is not DROP}
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(message)):
+        hellaswag.load_examples(path, style=style)
+
+
+def test_each_style_needs_only_its_own_keys(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps({k: GOOD[k] for k in ("ctx", "endings")} | {"label": "3"}) + "\n")
+    assert hellaswag.load_examples(path, style="completion")[0]["label"] == "3"  # Hugging Face's copy: a string
+    with pytest.raises(ValueError, match="lacks activity_label, ctx_a, ctx_b"):
+        hellaswag.load_examples(path, style="harness")
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "-1"), ("--limit", "0"), ("--batch_size", "0"),
+                                         ("--batch_size", "-1")])
+def test_limit_and_batch_size_below_1_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_hellaswag.parse_args(["--model", "gpt2", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be positive, got {value}" in capsys.readouterr().err
+
+
+def write_forced(path, n=2):
+    """The first n FORCED examples as a HellaSwag file."""
+    lines = [json.dumps({"activity_label": a, "ctx_a": ca, "ctx_b": cb, "ctx": ca + " " + cb, "endings": ends,
+                         "label": label}) for a, ca, cb, ends, label in FORCED[:n]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cli_triton_kernels_without_a_gpu_run_in_the_interpreter(tmp_path):
+    """A fresh process, as a user starts it: the interpreter must be on before transformers imports triton."""
+    model_dir = tmp_path / "model"  # head size 16, the smallest flash_attention takes
+    GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(model_dir))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    data = write_forced(tmp_path / "hs.jsonl")
+    cmd = [sys.executable, "eval_hellaswag.py", "--model", str(model_dir), "--data", str(data), "--device", "cpu",
+           "--kernels", "triton", "--out", str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["n"] == 2
+
+
+def test_a_model_with_fewer_ids_than_the_bpe_is_refused(tmp_path):
+    model_dir = tmp_path / "small"
+    GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(model_dir))
+    flags = ["--model", str(model_dir), "--data", str(write_forced(tmp_path / "hs.jsonl")), "--device", "cpu"]
+    with pytest.raises(ValueError, match="has 1000 token ids, fewer than the 50257 of the GPT-2 BPE"):
+        eval_hellaswag.main(flags)
 
 
 def test_unknown_style():

@@ -7,6 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2 import GPT, GPTConfig
 from gpt2.model import HF_TRANSPOSED
+from gpt2.ops import KernelsError
 
 TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=3, n_embd=48, real_vocab_size=100)
 
@@ -108,6 +109,50 @@ def test_greedy_generation_equals_hf(hf_dir):
     assert torch.equal(ours, theirs)
 
 
+def save_small_hf(directory, **config):
+    """A one-layer random Hugging Face GPT-2 with `config` overriding its GPT2Config."""
+    config = {"vocab_size": 50, "n_positions": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, **config}
+    GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("tie_word_embeddings", False), ("layer_norm_epsilon", 1e-3), ("scale_attn_weights", False),
+    ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100), ("activation_function", "relu"),
+])
+def test_from_pretrained_refuses_configs_it_cannot_represent(tmp_path, setting, value):
+    with pytest.raises(ValueError, match=f"{setting}={value!r} is not supported"):
+        GPT.from_pretrained(save_small_hf(tmp_path, **{setting: value}))
+
+
+def test_from_pretrained_takes_settings_that_change_no_math(tmp_path):
+    """n_inner spelled out as 4 * n_embd; reorder_and_upcast_attn only changes where attention rounds."""
+    directory = save_small_hf(tmp_path, n_inner=64, reorder_and_upcast_attn=True)
+    hf = GPT2LMHeadModel.from_pretrained(directory).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        err = (GPT.from_pretrained(directory).eval()(idx)[0] - hf(idx).logits).abs().max().item()
+    assert err < 1e-4, f"max abs logit difference {err:.2e}"
+
+
+def test_from_pretrained_padded_vocab_keeps_the_bpe_vocab_real(tmp_path):
+    padded = GPT.from_pretrained(save_small_hf(tmp_path / "padded", vocab_size=50304))
+    assert (padded.config.vocab_size, padded.config.real_vocab_size) == (50304, 50257)  # 50257 on: padding
+    small = GPT.from_pretrained(save_small_hf(tmp_path / "small"))
+    assert (small.config.vocab_size, small.config.real_vocab_size) == (50, 50)
+
+
+def test_triton_imported_before_the_interpreter_is_a_clear_error(hf_dir, monkeypatch):
+    """Off CUDA, the Triton interpreter must be on before triton is imported; later, resolving the op set says
+    what to do instead of failing inside the interpreter."""
+    import triton  # noqa: F401 -- as importing transformers does
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KernelsError, match="start the command with TRITON_INTERPRET=1"):
+        GPT.from_pretrained(str(hf_dir), kernels="triton")
+
+
 def test_generation_crops_context_to_block_size():
     model = GPT(GPTConfig(**TINY)).eval()
     out = model.generate(torch.randint(0, 100, (1, 30)), max_new_tokens=10, top_k=1)
@@ -125,6 +170,16 @@ def test_top_k_never_samples_outside_top_k_or_padding(monkeypatch):
     assert set(out[:, 1:].flatten().tolist()) <= allowed
     full = model.generate(torch.zeros(4, 1, dtype=torch.long), max_new_tokens=50, top_k=None, temperature=5.0)
     assert full[:, 1:].max().item() < 100
+
+
+def test_top_k_0_or_less_means_no_top_k():
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 100, (3, 4))
+
+    def run(top_k):
+        return model.generate(idx, max_new_tokens=20, top_k=top_k, generator=torch.Generator().manual_seed(5))
+
+    assert torch.equal(run(0), run(None)) and torch.equal(run(-1), run(None))
 
 
 def test_sampling_is_deterministic_for_a_seed():

@@ -1,7 +1,15 @@
 """sample.py end to end on a local Hugging Face directory."""
+import os
+import subprocess
+import sys
+
+import torch
+
 import sample
 from gpt2 import GPT, GPTConfig
 from gpt2.sampling import SEPARATOR
+
+from conftest import REPO
 
 
 def test_sample_prints_continuations_of_the_prompt(tmp_path, capsys):
@@ -41,3 +49,36 @@ def test_bad_sampling_flags_are_errors(tmp_path, capsys):
                            (["--top_k", "-2"], "--top_k must be 0"), (["--num_samples", "0"], "--num_samples")]:
         assert sample.main(["--init_from", str(tmp_path), "--device", "cpu", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_triton_kernels_without_a_gpu_run_in_the_interpreter(tmp_path):
+    """A fresh process, as a user starts it: the interpreter must be on before transformers imports triton."""
+    GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "sample.py", "--init_from", str(tmp_path), "--device", "cpu", "--kernels", "triton",
+           "--prompt", "Hello", "--num_samples", "1", "--max_new_tokens", "2"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("Hello")
+
+
+def test_padded_hf_vocabulary_is_never_sampled(tmp_path, capsys):
+    """A directory saved with vocab_size 50304 whose padding ids are the likeliest of all."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50304, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with torch.no_grad():  # every final state is ln_f's bias b, and each padding row (tied lm_head) is 100 b
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.normal_()
+        hf.transformer.wte.weight[50257:] = 100 * hf.transformer.ln_f.bias
+    hf.save_pretrained(tmp_path)
+    flags = ["--init_from", str(tmp_path), "--device", "cpu", "--num_samples", "2", "--max_new_tokens", "4"]
+    assert sample.main([*flags, "--top_k", "0", "--prompt", "Hello"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_a_model_with_fewer_ids_than_the_bpe_is_refused(tmp_path, capsys):
+    GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path))
+    assert sample.main(["--init_from", str(tmp_path), "--device", "cpu"]) == 2
+    assert "has 1000 token ids, fewer than the 50257 of the GPT-2 BPE" in capsys.readouterr().err
