@@ -9,7 +9,10 @@ On a lent machine whose files come back only from one folder, and only a few of 
 a .tar.gz of the results folder up to date after every section, so that a command stopped at its time
 limit still returns everything measured before:
 
-    timeout 570 python benchmarks/gpu_check.py --out gpu_results --archive $OUT/gpu_check.tar.gz
+    timeout 570 python3 benchmarks/gpu_check.py --out gpu_results --archive $OUT/gpu_check.tar.gz
+
+(nothing to carry: the GPU tests and the step need no data files, and the children run with whichever
+Python started the check, there python3).
 
 Sections, most important first; each runs in a child process of its own process group (a crash is a
 finding, not the end of the check; at its time limit the whole group is killed, pytest included).
