@@ -14,9 +14,11 @@
     python prepare_data.py fineweb --out data/mine --input a.jsonl b.parquet --shard_size 1000000
 
     # a small disk: at most 4 train shards (+ the val shard) on disk; the trainer deletes what it consumed
+    # and its newest checkpoint is past (4 shards of 1e8 tokens hold 572 steps of 524,288: checkpoint within)
     python prepare_data.py fineweb --out data/fineweb_edu --max_shards_on_disk 4 &
     sleep 10   # the trainer must find the producer's meta.json, its first write
-    torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu --delete_consumed_shards
+    torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu \
+        --delete_consumed_shards --checkpoint_interval 500
 
 Rerunning over an existing output continues where the last run stopped and writes the same files (a
 killed run leaves only complete shards); an output folder holding shards of another tokenizer, shard

@@ -81,8 +81,9 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --out_dir from its newest readable checkpoint")
     overwrite: bool = option(False, "start over in an --out_dir that holds a run: deletes that run's log, "
                                     "checkpoints, plot and TensorBoard events (no other file)")
-    delete_consumed_shards: bool = option(False, "delete each train shard once every rank is done with it "
-                                                 "(with a streaming prepare_data.py)")
+    delete_consumed_shards: bool = option(False, "delete each train shard once every rank is done with it and "
+                                                 "the newest checkpoint is past it (with a streaming "
+                                                 "prepare_data.py; --sampling sequential)")
     tensorboard: bool = option(False, "also log every scalar of log.jsonl as TensorBoard events in "
                                       "<out_dir>/tensorboard (pip install tensorboard)")
 
@@ -133,6 +134,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise TrainError(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume continues the run in --out_dir and --overwrite deletes it: give one of them")
+    if cfg.delete_consumed_shards and cfg.sampling == "random":
+        raise TrainError("--delete_consumed_shards reads the train split once, in order: add --sampling sequential "
+                         "(--sampling random, the shakespeare preset's, draws windows from the whole split)")
     grad_accum_steps(cfg, world_size)
 
 

@@ -36,9 +36,13 @@ EVERY rank:
 All ranks stand at the same position, and a step never reads behind it, so no rank ever opens a
 deleted shard. state_dict()/load_state_dict() resume at the exact token (the state is the same on every
 rank, and batch size and world size may change on resume). A resumed loader never looks behind its
-position, but shards consumed after the checkpoint was saved are gone: pass the saved state as
-delete_finished_shards(keep_from=state) to keep them, with --max_shards_on_disk large enough for a
-checkpoint interval; otherwise a crash loses the data between the checkpoint and the crash.
+position, but it needs the shards from the checkpoint's position on: the trainer passes the newest
+checkpoint's state as delete_finished_shards(keep_from=state), and checks that --max_shards_on_disk
+holds a checkpoint interval. A loader whose position lies in a deleted shard (consumed.txt lists it)
+fails at once, saying so, rather than waiting for a shard the producer never writes again.
+
+A wait for the producer ends with shards.WaitStopped as soon as `loader.stop_waiting()` is true (the
+trainer sets it to "a signal came").
 
 A trainer started beside prepare_data.py must start after the producer has written meta.json (the
 producer writes it first thing); a folder without shards and without meta.json is an error.
@@ -50,8 +54,8 @@ import numpy as np
 import torch
 
 from gpt2.shards import (
-    DONE_FILE, SPLITS, count_shards, delete_consumed_shards, ensure_shakespeare, prepare_shakespeare,
-    read_consumed, read_done, read_meta, shard_name, wait_until,
+    CONSUMED_FILE, DONE_FILE, SPLITS, count_shards, delete_consumed_shards, ensure_shakespeare,
+    prepare_shakespeare, read_consumed, read_done, read_meta, shard_name, wait_until,
 )
 
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
@@ -69,6 +73,7 @@ class ShardLoader:
         (see the module docstring; needs a finished folder).
     delete_consumed: one pass over a train split whose finished shards rank 0 deletes on request.
     warn_after: seconds of waiting for prepare_data.py before a message says so.
+    stop_waiting: None, or a function that ends such a wait (shards.WaitStopped) when it returns True.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, *,
@@ -84,6 +89,10 @@ class ShardLoader:
         self.random_seed = random_seed
         self._total = None      # tokens in the split, once known
         self._starts_block, self._starts = None, None  # the random window starts drawn last
+        self.stop_waiting = None
+        if self.dir.is_file():
+            raise FileNotFoundError(f"data folder {self.dir} is a file, not a folder: pass the folder of token "
+                                    f"shards that holds it, {self.dir.parent}")
         if not self.dir.is_dir():
             raise FileNotFoundError(
                 f"data folder {self.dir} does not exist: make it with prepare_data.py "
@@ -192,6 +201,8 @@ class ShardLoader:
                 f"loader state points at shard {state['shard_name']}, but shard {self.k} of epoch "
                 f"{self.epoch} in {self.dir} is {name}: the folder holds other shards than the saved run's"
             )
+        if name is not None:
+            self._check_not_deleted(name)
 
     def finished_shards(self, keep_from=None) -> list:
         """Names of the shards of this epoch that every rank is past (no later step reads them).
@@ -248,7 +259,8 @@ class ShardLoader:
                 "(no DONE marker): wait for it, or train with sequential sampling"
             )
         if self.random_seed is not None and (self.delete_consumed or self.shuffle_seed is not None):
-            raise ValueError("random sampling reads the whole split: it shuffles no shards and deletes none")
+            raise ValueError("random sampling (train.py --sampling random) reads the whole split: it shuffles no "
+                             "shards and deletes none (--delete_consumed_shards needs --sampling sequential)")
         if not self.delete_consumed:
             return
         if self.split != "train":
@@ -260,18 +272,24 @@ class ShardLoader:
     def check_disk_budget(self, tokens_between_deletes: int) -> None:
         """Refuse a --max_shards_on_disk too small for what the trainer reads between two calls of
         delete_finished_shards (with gradient accumulation: every micro-step of an optimizer step)."""
-        K, S = self.meta.get("max_shards_on_disk"), self.meta.get("shard_size")
-        if not (K and S):
+        K = self.meta.get("max_shards_on_disk")
+        needed = self.shards_spanned(tokens_between_deletes)
+        if not (K and needed):
             return
-        # those tokens + 1, from wherever the last step ended, touch up to `needed` shards; all must be on
-        # disk at once, or the producer (waiting for room) and the trainer (waiting for a shard) deadlock
-        needed = (S + tokens_between_deletes - 1) // S + 1
+        # all of those shards must be on disk at once, or the producer (waiting for room) and the trainer
+        # (waiting for a shard) deadlock
         if K < needed:
             raise ValueError(
                 f"the trainer reads {tokens_between_deletes + 1} tokens between deletions, which may span "
-                f"{needed} shards of {S} tokens, but prepare_data.py keeps at most {K} on disk "
+                f"{needed} shards of {self.meta['shard_size']} tokens, but prepare_data.py keeps at most {K} on disk "
                 f"(--max_shards_on_disk): use --max_shards_on_disk >= {needed}, larger shards, or smaller batches"
             )
+
+    def shards_spanned(self, tokens: int):
+        """How many of the producer's shards `tokens` + 1 tokens (the last target) touch at most, from
+        wherever they start; None when meta.json gives no shard size."""
+        S = (self.meta or {}).get("shard_size")
+        return (S + tokens - 1) // S + 1 if S else None
 
     def _check_complete_split(self) -> None:
         """Open every shard still on disk (a bad file fails now, not hours in) and check the size."""
@@ -288,6 +306,10 @@ class ShardLoader:
         # a val split smaller than one batch is still evaluated whole (whole_split_batches)
         if all_there and self.split == "train" and total < self.tokens_per_step + 1:
             raise ValueError(self._too_small_message(total))
+        if all_there and self.split == "val" and total < 2:
+            raise ValueError(f"the val split in {self.dir} has {total} token{'s' * (total != 1)}: a validation "
+                             "loss needs at least 2, an input and its target; prepare more data, or train "
+                             "without validation (train.py --eval_interval 0)")
         if self.random_seed is not None and not all_there:
             raise ValueError(f"random sampling needs every shard of {self.dir}, but a trainer deleted some "
                              "(--delete_consumed_shards): prepare the data again")
@@ -326,6 +348,7 @@ class ShardLoader:
             return None
         if name not in self._lengths:
             if not self._complete and not (self.dir / name).exists():
+                self._check_not_deleted(name)  # else the wait would never end
                 self._wait_for(name)
                 name = self._name_at(k)
                 if name is None:
@@ -337,7 +360,7 @@ class ShardLoader:
         """Until the shard exists or the producer has finished (DONE); then reread the shard list."""
         path = self.dir / name
         wait_until(lambda: path.exists() or (self.dir / DONE_FILE).exists(),
-                   lambda: self._waiting_message(path), self.warn_after)
+                   lambda: self._waiting_message(path), self.warn_after, stop=self.stop_waiting)
         if not path.exists():
             self._refresh()
 
@@ -350,9 +373,9 @@ class ShardLoader:
                         "when a trainer with --delete_consumed_shards deletes consumed ones.")
         elif K and count_shards(self.dir, "train") >= K:
             message += (f" It is itself waiting for room: {K} train shards are on disk (--max_shards_on_disk), "
-                        "and this trainer deletes shards only between optimizer steps. If one optimizer step "
-                        "(all micro-steps) reads more than the shards on disk hold, the two wait for each "
-                        "other: rerun prepare_data.py with a larger --max_shards_on_disk.")
+                        "and this trainer deletes shards only between optimizer steps, keeping those from its "
+                        "newest checkpoint on. If they are more than the shards on disk hold, the two wait for "
+                        "each other: rerun prepare_data.py with a larger --max_shards_on_disk.")
         return message
 
     # ------------------------------------------------------------------ reading
@@ -362,11 +385,7 @@ class ShardLoader:
             return self._mmaps[name]
         path = self.dir / name
         if not path.exists():
-            if name in read_consumed(self.dir):
-                raise FileNotFoundError(
-                    f"{path} was deleted by a trainer with --delete_consumed_shards: resume from that "
-                    "run's checkpoint, or prepare the data again"
-                )
+            self._check_not_deleted(name)
             raise FileNotFoundError(f"shard {path} is missing")
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
@@ -385,6 +404,14 @@ class ShardLoader:
             raise ValueError(f"{path} is {size} bytes, not its header plus {len(tokens)} uint16 tokens")
         self._mmaps[name] = tokens
         return tokens
+
+    def _check_not_deleted(self, name) -> None:
+        path = self.dir / name
+        if not path.exists() and name in read_consumed(self.dir):
+            raise FileNotFoundError(
+                f"{path} was deleted by a trainer with --delete_consumed_shards ({CONSUMED_FILE} lists it), but "
+                "this run needs it: resume from a checkpoint past it, or prepare the data again"
+            )
 
     def _evict_before(self, k) -> None:
         keep = {self._name_at(j) for j in range(k, k + 2)}

@@ -28,7 +28,10 @@ def pick_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch lists twenty device types, most of them not ours
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda (cuda:N for one GPU) or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

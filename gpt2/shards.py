@@ -7,7 +7,8 @@ does, and the rest are train shards 1, 2, ...; tinyshakespeare is split 90 % tra
 
 Files in an output folder, besides the shards:
 
-    meta.json      tokenizer, dtype, shard size, source: a rerun with other settings is refused
+    meta.json      tokenizer, dtype, shard size, source: once the folder holds shards (or consumed.txt
+                   lists some), a rerun with other settings is refused
     DONE           written last; lists every shard. Without it a producer is (or was) still running,
                    and the loader waits for more train shards instead of ending the epoch
     consumed.txt   train shards the trainer deleted (--delete_consumed_shards); a rerun skips them
@@ -121,13 +122,20 @@ def count_shards(folder, split: str) -> int:
     return sum(1 for _ in pathlib.Path(folder).glob(f"*_{split}_*.npy"))
 
 
-def wait_until(ready, message, warn_after: float = 60.0, max_sleep: float = 2.0) -> None:
+class WaitStopped(Exception):
+    """wait_until gave up because `stop()` said so (the trainer got Ctrl-C or SIGTERM)."""
+
+
+def wait_until(ready, message, warn_after: float = 60.0, max_sleep: float = 2.0, stop=None) -> None:
     """Poll `ready()` with a growing sleep; print `message` (a string, or a function that returns one)
-    after warn_after seconds, then every few minutes."""
+    after warn_after seconds, then every few minutes. WaitStopped as soon as `stop()` is true: a signal
+    handler can only set a flag, and the sleeps would never end on their own."""
     start = last_warn = time.monotonic()
     warned_once = False
     sleep = 0.01
     while not ready():
+        if stop is not None and stop():
+            raise WaitStopped
         time.sleep(sleep)
         sleep = min(max_sleep, sleep * 1.5)
         now = time.monotonic()
@@ -140,7 +148,11 @@ def wait_until(ready, message, warn_after: float = 60.0, max_sleep: float = 2.0)
 # ----------------------------------------------------------------------------- metadata
 
 def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
-    """Refuse a folder that holds shards of other settings; otherwise (re)write meta.json."""
+    """Refuse a folder that holds shards of other settings; otherwise (re)write meta.json.
+
+    A folder whose meta.json describes no shard (a run that failed before its first one, say without
+    `datasets`) takes the new settings: the old ones, and their DONE and progress.json, go.
+    """
     old = read_meta(folder)
     if old is None:
         foreign = sorted(p.name for p in folder.glob("*.npy"))
@@ -151,12 +163,20 @@ def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
             )
     else:
         diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in META_KEYS if old.get(k) != meta.get(k)]
-        if diff:
+        if diff and holds_shards(folder):
             raise ValueError(
                 f"{folder} holds shards made with other settings ({'; '.join(diff)}). "
                 "Use another --out folder, or empty this one to start over."
             )
+        if diff:
+            for name in (DONE_FILE, PROGRESS_FILE):
+                (folder / name).unlink(missing_ok=True)
     write_json(folder / META_FILE, meta)
+
+
+def holds_shards(folder: pathlib.Path) -> bool:
+    """Shards on disk, or shards a trainer consumed (a rerun must not write them again)."""
+    return any(folder.glob("*.npy")) or bool(read_consumed(folder))
 
 
 def make_meta(name: str, shard_size, val_shards: int, source: str, max_shards_on_disk=None) -> dict:
@@ -196,7 +216,7 @@ def iter_local_documents(paths):
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
                     if line.strip():
-                        yield _text_of(json.loads(line), f"{path}:{lineno}")
+                        yield _text_of(_json_line(line, f"{path}:{lineno}"), f"{path}:{lineno}")
         elif suffix == ".csv":
             csv.field_size_limit(2**31 - 1)
             with open(path, encoding="utf-8", newline="") as f:
@@ -206,6 +226,14 @@ def iter_local_documents(paths):
             yield from _iter_parquet(path)
         else:
             raise ValueError(f"input file {path}: unknown type {suffix!r} (use .jsonl, .parquet, .csv or .txt)")
+
+
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:  # its own "line 1 column 10" counts within this one line
+        raise ValueError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); every line of a "
+                         ".jsonl file holds one JSON object") from None
 
 
 def _iter_parquet(path: pathlib.Path):
@@ -432,7 +460,8 @@ def prepare_fineweb(out_dir, inputs=None, dataset=FINEWEB_DATASET, config=FINEWE
     else:
         source = f"hub:{dataset}/{config}"
     # meta.json first, before the hub is reached: a trainer started beside this producer takes a folder
-    # with meta.json and no DONE as "shards still to come" and waits for them
+    # with meta.json and no DONE as "shards still to come" and waits for them (should the hub fail, a
+    # rerun with other settings replaces this meta.json: it describes no shard)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_or_write_meta(out_dir, make_meta(name, shard_size, 1, source, max_shards_on_disk))

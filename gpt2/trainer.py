@@ -8,9 +8,16 @@ collective (validation loss, HellaSwag counts, loader positions for the checkpoi
 
 A run owns its --out_dir: log.jsonl, loss.png, ckpt_<step>.pt and tensorboard/ (with --tensorboard).
 A folder that holds a run is refused unless --resume continues it or --overwrite deletes those files
-first. Everything that can be checked without the model (flags, out_dir, data, HellaSwag file) is
-checked before it is built. Ctrl-C (or SIGTERM) stops the run at the end of the step it is in, with a
-checkpoint there; a second Ctrl-C stops at once.
+first. Everything that can be checked without the model (flags, out_dir, data, HellaSwag file, that
+the model's vocabulary and positions fit them) is checked before it is built. Ctrl-C (or SIGTERM) stops
+the run at the end of the step it is in, with a checkpoint there (exit code 128 + the signal's number:
+130, 143); while the loader waits for prepare_data.py's shards, at once, saving the steps since the
+newest checkpoint if there are any. A second Ctrl-C stops at once. loss.png is redrawn after every
+evaluation and at the end of the run.
+
+With --delete_consumed_shards (and --checkpoint_interval > 0), a shard is deleted only once every rank
+has read it and the newest checkpoint stands past it: --resume after a crash, even kill -9, finds every
+shard from that checkpoint on.
 """
 import contextlib
 import dataclasses
@@ -32,9 +39,11 @@ from gpt2.checkpoint import (check_same_shape, checkpoint_path, checkpoints, new
                              remove_stale_tmp_checkpoints, restore_rng, save_checkpoint)
 from gpt2.config import PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, validate
 from gpt2.data import ShardLoader, ensure_shakespeare
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT, HF_MODELS, GPTConfig
 from gpt2.plot import read_log
 from gpt2.runtime import Distributed, all_reduce_sum, autocast, peak_bf16_flops
+from gpt2.shards import WaitStopped
+from gpt2.tokenizer import ENCODING_NAME, VOCAB_SIZE
 
 __all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "train"]
 
@@ -87,15 +96,17 @@ def accumulate_gradients(model, batches, device, dtype: str, scaler) -> torch.Te
 
 
 def clip_and_step(optimizer, model, grad_clip: float, scaler) -> torch.Tensor:
-    """Clip the global grad norm to grad_clip (inside FusedAdamW's update when it offers that), step,
-    and clear the gradients. Returns the norm before clipping (zero when clipping is off)."""
-    norm = torch.zeros((), device=next(model.parameters()).device)
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        if hasattr(optimizer, "clip_grad_norm_"):
-            norm = optimizer.clip_grad_norm_(grad_clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    """Clip the global grad norm to grad_clip (inside FusedAdamW's update when it offers that; 0: no
+    clipping), step, and clear the gradients. Returns the norm before clipping, measured either way."""
+    scaler.unscale_(optimizer)
+    if hasattr(optimizer, "clip_grad_norm_"):
+        # with max_norm inf the coefficient min(1, max_norm / norm) is exactly 1: the norm costs one
+        # reduction, and the update reads every gradient anyway
+        norm = optimizer.clip_grad_norm_(grad_clip if grad_clip > 0 else math.inf)
+    elif grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -105,6 +116,23 @@ def clip_and_step(optimizer, model, grad_clip: float, scaler) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # the output folder and the checks before any heavy work
+
+
+def pretrained_size(name: str) -> tuple:
+    """(vocab_size, positions) of --init_from's model, from its config.json alone (the weights load
+    later); transformers' GPT2Config defaults where it is silent, or where there is no readable
+    config.json for GPT.from_pretrained to complain about."""
+    default = (VOCAB_SIZE, 1024)  # every hub GPT-2 (HF_MODELS), and GPT2Config's defaults
+    path = pathlib.Path(name) / "config.json"
+    if name in HF_MODELS or not path.is_file():
+        return default
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    if not isinstance(config, dict):
+        return default
+    return config.get("vocab_size", default[0]), config.get("n_positions", config.get("n_ctx", default[1]))
 
 
 def run_files(out_dir) -> list[pathlib.Path]:
@@ -143,9 +171,10 @@ def check_tensorboard(cfg: TrainConfig) -> None:
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM inside `with stop:` only sets `signum`: the loop finishes the step,
-    saves a checkpoint and exits. A second signal raises KeyboardInterrupt at once, unless it comes
-    within DUPLICATE_S of the first: torchrun forwards the terminal's Ctrl-C to workers that got it
-    already (and kills them 30 s later, its shutdown timeout)."""
+    saves a checkpoint and exits (a wait for prepare_data.py's shards polls it and ends at once). A
+    second signal raises KeyboardInterrupt at once, unless it comes within DUPLICATE_S of the first:
+    torchrun forwards the terminal's Ctrl-C to workers that got it already (and kills them 30 s later,
+    its shutdown timeout)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     DUPLICATE_S = 1.0
@@ -189,15 +218,18 @@ class Run:
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE
+        self.stop = StopRequest(announce=ddp.is_main)
         self._open_inputs()  # before the model: a bad data folder or HellaSwag file fails in a second
         self._build_training()
         self.step = 0
         self.resumed_at, self.evaluated_at_resume = None, False
+        self.saved_at = None  # the step of the newest checkpoint, saved or resumed from
         if cfg.resume:
             self._resume()
+        # --delete_consumed_shards keeps the shards from here on, for a --resume after a crash
+        self.checkpoint_position = self.train_loader.state_dict()
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
         self.peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        self.stop = StopRequest(announce=ddp.is_main)
         self.stop_votes = 0.0  # ranks that had seen a signal when the last step's loss was reduced
         self.tensorboard = None
 
@@ -211,10 +243,48 @@ class Run:
         self.train_loader = ShardLoader(self.data_dir, "train", cfg.batch_size, cfg.block_size, ddp.rank,
                                         ddp.world_size, random_seed=random_seed,
                                         delete_consumed=cfg.delete_consumed_shards)
-        if cfg.delete_consumed_shards:  # a disk budget below one step's shards would deadlock with the producer
-            self.train_loader.check_disk_budget(cfg.total_batch_size)
+        if cfg.delete_consumed_shards:
+            self._check_disk_budget()
         self.val_loader = ShardLoader(self.data_dir, "val", cfg.batch_size, cfg.block_size, ddp.rank,
                                       ddp.world_size) if cfg.eval_interval else None
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:  # a signal ends a wait for prepare_data.py (see run())
+                loader.stop_waiting = lambda: self.stop.signum is not None
+        self._check_model_fits()
+
+    def _check_disk_budget(self):
+        """The shards the trainer holds at once must fit prepare_data.py's --max_shards_on_disk, or the two
+        wait for each other forever: one optimizer step's, and every shard from the newest checkpoint's
+        position on (kept for --resume), that is, up to a checkpoint interval's."""
+        cfg, loader = self.cfg, self.train_loader
+        loader.check_disk_budget(cfg.total_batch_size)
+        K, S, interval = loader.meta.get("max_shards_on_disk"), loader.meta.get("shard_size"), cfg.checkpoint_interval
+        needed = loader.shards_spanned(interval * cfg.total_batch_size)
+        if K and S and interval and needed > K:
+            fits = (K - 1) * S // cfg.total_batch_size  # the most tokens that span K shards at most: (K - 1) S
+            raise TrainError(
+                f"--delete_consumed_shards keeps every shard from the newest checkpoint on, for --resume: "
+                f"--checkpoint_interval {interval} steps of {cfg.total_batch_size} tokens may span {needed} shards "
+                f"of {S} tokens, but prepare_data.py keeps at most {K} on disk (--max_shards_on_disk): use "
+                f"--checkpoint_interval {fits} or less, or rerun prepare_data.py with --max_shards_on_disk >= {needed}")
+
+    def _check_model_fits(self):
+        """The model's vocabulary must hold every token id of the data and its positions --block_size. Known
+        before it is built: from the flags, or --init_from's config.json, and the data's meta.json (a folder
+        without one is checked batch by batch, check_token_ids)."""
+        cfg = self.cfg
+        vocab, positions = pretrained_size(cfg.init_from) if cfg.init_from else (cfg.vocab_size, None)
+        meta = self.train_loader.meta or {}
+        if meta.get("tokenizer") == ENCODING_NAME and vocab < VOCAB_SIZE:
+            if cfg.init_from:
+                model, fix = f"--init_from {cfg.init_from}'s vocab_size {vocab}", "fine-tune a GPT-2 vocabulary model"
+            else:
+                model, fix = f"--vocab_size {vocab}", "use --vocab_size 50304, the default (GPT-2's, padded for speed)"
+            raise TrainError(f"{model} is below the {VOCAB_SIZE} tokens of the GPT-2 BPE, which the shards in "
+                             f"{self.data_dir} hold (its meta.json): {fix}")
+        if positions is not None and cfg.block_size > positions:
+            raise TrainError(f"--block_size {cfg.block_size} is more than the {positions} positions of --init_from "
+                             f"{cfg.init_from}: use --block_size {positions} or less")
 
     def _build_training(self):
         """The model (seeded), its optimizer and grad scaler, and its torch.compile and DDP wrappers."""
@@ -229,6 +299,18 @@ class Run:
         self.model = torch.compile(self.raw_model) if self.compile else self.raw_model
         if ddp.enabled:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def check_token_ids(self, x, y):
+        """A token id past the embedding fails here, in one line, not as an IndexError (or a CUDA device
+        assert) inside the model: a data folder without meta.json says nothing of its ids in advance."""
+        top = int(torch.maximum(x.max(), y.max()))
+        vocab = self.raw_model.config.vocab_size
+        if top >= vocab and self.cfg.init_from:
+            raise TrainError(f"{self.data_dir} holds token id {top}, but --init_from {self.cfg.init_from} has "
+                             f"{vocab} token ids: fine-tune it on data tokenized for it")
+        if top >= vocab:
+            raise TrainError(f"{self.data_dir} holds token id {top}, but --vocab_size is {vocab}: train with "
+                             f"--vocab_size {top + 1} or more (50304 for GPT-2's BPE)")
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
@@ -309,7 +391,7 @@ class Run:
                              f"resume with the same number of processes")
         self.train_loader.load_state_dict(states[self.ddp.rank])
         restore_rng(checkpoint)
-        self.step = self.resumed_at = checkpoint["step"]
+        self.step = self.resumed_at = self.saved_at = checkpoint["step"]
         # a checkpoint saved on Ctrl-C comes before its step's evaluations; any other, after them
         self.evaluated_at_resume = checkpoint.get("periodic_done", True)
         if self.ddp.is_main:
@@ -323,20 +405,24 @@ class Run:
                     if r["step"] < step or (keep_evaluations and r["step"] == step and "loss" not in r)]
             self.log_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
-    def save(self, periodic_done: bool = True):
-        """Every rank's loader state into one checkpoint, written by rank 0; returns its path there."""
-        states = [None] * self.ddp.world_size
-        if self.ddp.enabled:
-            torch.distributed.all_gather_object(states, self.train_loader.state_dict())
-        else:
-            states = [self.train_loader.state_dict()]
-        if not self.ddp.is_main:
-            return None
+    def save(self, periodic_done: bool = True, gather: bool = True):
+        """Every rank's loader state into one checkpoint, written by rank 0; returns its path there.
+
+        gather=False: no collective, for a rank that cannot count on the others joining one (stopped while
+        waiting for data). Their states are its own then: all ranks stand at the same position.
+        """
+        state = self.train_loader.state_dict()
+        states = [state] * self.ddp.world_size
+        if self.ddp.enabled and gather:
+            torch.distributed.all_gather_object(states, state)
         path = checkpoint_path(self.out_dir, self.step)
-        save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step, loader_states=states,
-                        train_config=dataclasses.asdict(self.cfg), scaler=self.scaler, periodic_done=periodic_done)
-        self.print(f"saved {path}")
-        return path
+        if self.ddp.is_main:
+            save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step,
+                            loader_states=states, train_config=dataclasses.asdict(self.cfg), scaler=self.scaler,
+                            periodic_done=periodic_done)
+            self.print(f"saved {path}")
+        self.saved_at, self.checkpoint_position = self.step, state
+        return path if self.ddp.is_main else None
 
     # -- the output folder and logging -------------------------------------------------------------
 
@@ -416,11 +502,15 @@ class Run:
             tokens = int((y != -1).sum())
             if tokens == 0:
                 continue
+            self.check_token_ids(x, y)
             with autocast(self.device, self.dtype):
                 _, loss = model(x.to(self.device), y.to(self.device))  # mean over the tokens whose target is not -1
             total[0] += loss.detach().float() * tokens
             total[1] += tokens
         all_reduce_sum(total)
+        if total[1] == 0:  # a split of 0 or 1 tokens, found only now in a folder still being written
+            raise TrainError(f"the val split in {self.data_dir} has no target token: a validation loss needs at "
+                             "least 2 tokens; prepare more data, or train without validation (--eval_interval 0)")
         return (total[0] / total[1]).item()
 
     def evaluate_hellaswag(self) -> float:
@@ -471,7 +561,14 @@ class Run:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
+        start = self.train_loader.state_dict()
+        try:
+            batches = [self.train_loader.next_batch() for _ in range(self.grad_accum)]
+        except WaitStopped:  # the step never began: a checkpoint of it resumes with its first micro-batch
+            self.train_loader.load_state_dict(start)
+            raise
+        for x, y in batches:
+            self.check_token_ids(x, y)
         loss = accumulate_gradients(self.model, batches, self.device, self.dtype, self.scaler)
         # the ranks' losses and their stop votes (a signal seen) in one collective
         summed = all_reduce_sum(torch.stack([loss, loss.new_full((), float(self.stop.signum is not None))]))
@@ -489,6 +586,13 @@ class Run:
         if self.peak:
             record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak
         return record
+
+    def delete_consumed_shards(self):
+        """Rank 0 deletes the shards every rank has read, but none from the newest checkpoint's position on
+        (the first checkpoint's: the start), so that --resume after a crash finds them. Without periodic
+        checkpoints there is no such position to keep: shards go as soon as they are read."""
+        keep_from = self.checkpoint_position if self.cfg.checkpoint_interval else None
+        self.train_loader.delete_finished_shards(keep_from=keep_from)
 
     def stop_requested(self) -> bool:
         """A signal arrived: on one process, at any time before now; under DDP, on any rank before this
@@ -510,10 +614,28 @@ class Run:
             self.log({"step": 0, "run": self.describe()})
         try:
             with self.stop:
-                self.loop()
+                try:
+                    self.loop()
+                except WaitStopped:  # a signal came while the loader waited for prepare_data.py
+                    raise self.stopped_while_waiting() from None
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+    def interrupted(self, message: str) -> Interrupted:
+        """For train.py: rank 0's message, and the exit code 128 + the signal's number."""
+        return Interrupted(message if self.ddp.is_main else "", 128 + (self.stop.signum or signal.SIGINT))
+
+    def stopped_while_waiting(self) -> Interrupted:
+        """Between two steps, waiting for data: save the steps done since the newest checkpoint, if any,
+        without a collective (the other ranks may still wait, or be gone), and stop as Ctrl-C does."""
+        self.plot()
+        if self.step == (self.saved_at or 0):
+            done = (f"nothing new to save since {checkpoint_path(self.out_dir, self.step)}; resume with --resume"
+                    if self.saved_at is not None else "no step done, nothing to save")
+        else:
+            done = f"saved {self.save(periodic_done=False, gather=False)}; resume with --resume"
+        return self.interrupted(f"interrupted at step {self.step} while waiting for data: {done}")
 
     def loop(self):
         cfg = self.cfg
@@ -534,12 +656,15 @@ class Run:
             self.log(record)
             if cfg.delete_consumed_shards:
                 self._barrier()  # every rank has finished its reads of this step
-                self.train_loader.delete_finished_shards()  # rank 0 deletes; the others do nothing
+                self.delete_consumed_shards()
             if self.stop_requested():
+                # the plot before the checkpoint: the other ranks wait for rank 0 in save()'s collective
+                # rather than exit, which would have torchrun stop rank 0 in the middle of its work
+                self.plot()
                 path = self.save(periodic_done=False)
-                message = f"interrupted at step {self.step}: saved {path}; resume with --resume" if path else ""
-                raise Interrupted(message, 128 + (self.stop.signum or signal.SIGINT))
+                raise self.interrupted(f"interrupted at step {self.step}: saved {path}; resume with --resume")
         self.periodic(last=True)
+        self.plot()  # also for a run without evaluations, which redraw it as they come
 
 
 def train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> None:

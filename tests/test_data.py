@@ -311,3 +311,53 @@ def uint16_npy_bytes(n):
     buf = io.BytesIO()
     np.save(buf, np.arange(n, dtype=np.uint16))
     return buf.getvalue()
+
+
+def test_a_shard_deleted_by_a_trainer_fails_at_once_instead_of_waiting(tmp_path, monkeypatch):
+    """A folder still being produced (no DONE) whose shards a trainer deleted: a loader that needs one (a
+    resume from an older checkpoint, a new run from the start) is told so, not left waiting for a shard
+    that prepare_data.py never writes again."""
+    import gpt2.data
+
+    make_folder(tmp_path, done=False)
+    loader = ShardLoader(tmp_path, "train", 1, 50, delete_consumed=True)
+    start = loader.state_dict()
+    steps(loader, 25)                                  # at token 1250: shards 0 and 1 are behind
+    assert loader.delete_finished_shards() != []
+
+    def waits(*args, **kwargs):
+        raise AssertionError("the loader waits for a shard that a trainer deleted")
+
+    monkeypatch.setattr(gpt2.data, "wait_until", waits)
+    resumed = ShardLoader(tmp_path, "train", 1, 50, delete_consumed=True)
+    with pytest.raises(FileNotFoundError, match="syn_train_000001.npy was deleted by a trainer"):
+        resumed.load_state_dict(start)                # resume fails when it loads the position
+    with pytest.raises(FileNotFoundError, match="syn_train_000001.npy was deleted by a trainer"):
+        ShardLoader(tmp_path, "train", 1, 50, delete_consumed=True).next_batch()
+
+
+def test_a_wait_for_the_producer_ends_when_the_loader_is_told_to_stop(tmp_path):
+    """stop_waiting (train.py: a Ctrl-C or SIGTERM) ends a wait for a shard that has not come."""
+    from gpt2.shards import WaitStopped
+
+    make_folder(tmp_path, [50, 30], done=False)
+    (tmp_path / shards.shard_name("syn", "train", 2)).unlink()
+    loader = ShardLoader(tmp_path, "train", 1, 25)
+    polls = []
+    loader.stop_waiting = lambda: polls.append(1) or len(polls) > 3
+    start = time.monotonic()
+    with pytest.raises(WaitStopped):
+        steps(loader, 3)                                # the third step needs the missing shard
+    assert time.monotonic() - start < 5
+
+
+def test_a_file_for_the_data_folder_is_named_as_such(tmp_path):
+    make_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'meta.json'} is a file, not a folder.*{tmp_path}"):
+        ShardLoader(tmp_path / "meta.json", "train", 1, 8)
+
+
+def test_a_val_split_without_a_target_is_refused(tmp_path):
+    make_folder(tmp_path, val_lengths=(1,))
+    with pytest.raises(ValueError, match="val split in .* has 1 token: a validation loss needs at least 2"):
+        ShardLoader(tmp_path, "val", 1, 8)

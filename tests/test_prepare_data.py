@@ -252,6 +252,10 @@ def test_input_errors(tmp_path, monkeypatch):
     bad.write_text('{"text": "fine"}\n{"content": "no text here"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 has no 'text' field \(it has: \['content'\]\)"):
         shards.prepare_fineweb(tmp_path / "o2", inputs=[bad], shard_size=SHARD, progress=False)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=f"{broken}:3 is not valid JSON"):
+        list(shards.iter_local_documents([broken]))
     odd = tmp_path / "docs.xml"
     odd.write_text("<doc/>")
     with pytest.raises(ValueError, match="unknown type"):
@@ -314,3 +318,17 @@ def test_hub_streaming_and_its_errors(tmp_path, monkeypatch, enc):
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
     stream = np.concatenate(list(load_all(tmp_path / "c").values()))
     assert np.array_equal(stream, reference_stream(enc, docs))
+
+
+def test_a_failed_hub_prepare_does_not_hold_the_folder(tmp_path, monkeypatch):
+    """prepare_data.py fineweb fails before its first shard (no `datasets` here): the folder holds no shards,
+    so a prepare with other settings may still use it."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="pip install datasets"):
+        shards.prepare_fineweb(tmp_path, shard_size=SHARD, progress=False)
+    text = tmp_path / "doc.txt"
+    text.write_text("A local document instead.")
+    shards.prepare_fineweb(tmp_path, inputs=[text], shard_size=5, workers=1, progress=False)
+    assert json.loads((tmp_path / "meta.json").read_text())["source"].startswith("files:doc.txt")
+    with pytest.raises(ValueError, match="holds shards made with other settings"):  # now it holds shards
+        shards.prepare_fineweb(tmp_path, shard_size=SHARD, progress=False)

@@ -1,8 +1,11 @@
 """The trainer on the CPU: learning, kernels agreeing, exact resume, DDP equal to one process, errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -273,3 +276,159 @@ def test_a_second_ctrl_c_stops_at_once_but_a_forwarded_copy_does_not(monkeypatch
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- streaming data: deleted shards, a producer that is late ----------------------------------------
+
+def stream_folder(folder, n_shards, done=True, max_shards_on_disk=None, shard_size=None):
+    """A prepare_data.py folder of n_shards train shards of 300 tokens (their positions) and one val shard."""
+    from test_data import make_folder
+
+    make_folder(folder, [300] * n_shards, done=done, max_shards_on_disk=max_shards_on_disk)
+    if shard_size:
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, "shard_size": shard_size}))
+    return folder
+
+
+def test_a_crash_between_checkpoints_with_deleted_shards_resumes_exactly(tmp_path, monkeypatch):
+    """--delete_consumed_shards keeps the shards from the newest checkpoint's position on: a run killed at
+    step 8 (checkpoints every 3 steps of 128 tokens) resumes from step 6 and reads what the whole run read."""
+    args = ("--max_steps", 10, "--checkpoint_interval", 3, "--sampling", "sequential", "--delete_consumed_shards")
+    assert run_train("--data", stream_folder(tmp_path / "data_whole", 8), "--out_dir", tmp_path / "whole", *args) == 0
+    data = stream_folder(tmp_path / "data_cut", 8)
+
+    class Killed(BaseException):
+        """kill -9: no handler runs, nothing is saved."""
+
+    original = Run.train_step
+
+    def killed_at_step_8(self):
+        if self.step == 8:
+            raise Killed
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", killed_at_step_8)
+    with pytest.raises(Killed):
+        run_train("--data", data, "--out_dir", tmp_path / "cut", *args)
+    monkeypatch.setattr(Run, "train_step", original)
+    # the crash came at token 1024; the checkpoint of step 6 stands at token 768, in tokens 600..899
+    assert not (data / "syn_train_000002.npy").exists() and (data / "syn_train_000003.npy").exists()
+    assert run_train("--data", data, "--out_dir", tmp_path / "cut", *args, "--resume") == 0
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_a_disk_budget_below_a_checkpoint_interval_is_refused(tmp_path, capsys):
+    data = stream_folder(tmp_path / "data", 8, max_shards_on_disk=3, shard_size=300)
+    expect_error(capsys, "--data", data, "--out_dir", tmp_path / "out", "--sampling", "sequential",
+                 "--delete_consumed_shards", "--checkpoint_interval", 10,
+                 match="use --checkpoint_interval 4 or less, or rerun prepare_data.py with --max_shards_on_disk >= 6")
+    assert not (tmp_path / "out").exists()
+    assert run_train("--data", data, "--out_dir", tmp_path / "out", "--sampling", "sequential",
+                     "--delete_consumed_shards", "--checkpoint_interval", 4, "--max_steps", 4) == 0
+
+
+def signal_later(when, signum, finished: threading.Event):
+    """Send signum to the main thread once when() holds, and again after 20 s if the run still goes on
+    (a second signal stops it at once: a run that ignored the first one fails the test, not hangs it)."""
+    def send():
+        while not when():
+            time.sleep(0.02)
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident, signum)
+        if not finished.wait(20):
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_signal_while_waiting_for_shards_stops_the_run(tmp_path, capsys, monkeypatch):
+    """900 train tokens of a producer that is late: step 7 waits for the next shard. SIGTERM ends the wait,
+    saves step 7 and exits with 143; resumed, the run waits again, and a signal then saves nothing new."""
+    import gpt2.data
+
+    waiting, wait_until = threading.Event(), gpt2.data.wait_until
+
+    def spy(*args, **kwargs):
+        waiting.set()
+        return wait_until(*args, **kwargs)
+
+    monkeypatch.setattr(gpt2.data, "wait_until", spy)
+    data = stream_folder(tmp_path / "data", 3, done=False)
+    out = tmp_path / "out"
+    args = ("--data", data, "--out_dir", out, "--max_steps", 20, "--sampling", "sequential")
+    for resume, expected in ((), f"saved {out / 'ckpt_000007.pt'}"), (("--resume",), "nothing new to save"):
+        waiting.clear()
+        finished = threading.Event()
+        signal_later(waiting.is_set, signal.SIGTERM, finished)
+        code = run_train(*args, *resume)
+        finished.set()
+        err = capsys.readouterr().err
+        assert code == 143, err
+        assert f"interrupted at step 7 while waiting for data: {expected}" in err, err
+        assert [p.name for p in out.glob("ckpt_*.pt")] == ["ckpt_000007.pt"]
+    assert len(losses(out)) == 7
+
+
+# -- what the log and the plot hold -----------------------------------------------------------------
+
+def test_the_plot_is_written_without_evaluations(small_data, tmp_path):
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 2) == 0  # --eval_interval 0
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kernels", ["torch", "adamw"])
+def test_the_grad_norm_is_logged_with_clipping_off(tmp_path, kernels):
+    """--grad_clip 0 logs the real norm: that of a run whose clip never bites (same losses too)."""
+    def norms(out_dir):
+        return [r["grad_norm"] for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines())
+                if "grad_norm" in r]
+
+    data = tmp_path / "data"   # token ids below 256: a small embedding keeps FusedAdamW quick in the interpreter
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 256, 200).astype(np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 256, 2000).astype(np.uint16))
+    args = ("--data", data, "--max_steps", 3, "--n_layer", 1, "--vocab_size", 256, "--kernels", kernels)
+    assert run_train(*args, "--out_dir", tmp_path / "off", "--grad_clip", 0) == 0
+    assert run_train(*args, "--out_dir", tmp_path / "loose", "--grad_clip", 1e9) == 0
+    assert all(n > 0 for n in norms(tmp_path / "off"))
+    assert norms(tmp_path / "off") == norms(tmp_path / "loose")
+    assert losses(tmp_path / "off") == losses(tmp_path / "loose")
+
+
+# -- inputs the model cannot take ---------------------------------------------------------------------
+
+def test_vocab_and_block_size_must_fit_the_data_and_the_model(small_data, tmp_path, capsys):
+    from gpt2 import shards
+
+    gpt2_tokens = tmp_path / "shakespeare"
+    shards.prepare_shakespeare(gpt2_tokens)                 # meta.json: GPT-2 BPE tokens
+    expect_error(capsys, "--data", gpt2_tokens, "--out_dir", tmp_path / "a", "--vocab_size", 100,
+                 match="--vocab_size 100 is below the 50257 tokens of the GPT-2 BPE")
+    assert not (tmp_path / "a").exists()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"n_positions": 16, "vocab_size": 50257}))  # no weights
+    expect_error(capsys, "--data", gpt2_tokens, "--out_dir", tmp_path / "b", "--init_from", hf_dir,
+                 match=f"--block_size 32 is more than the 16 positions of --init_from {hf_dir}")
+    assert not (tmp_path / "b").exists()
+    # a folder without meta.json says nothing of its tokens: the first batch with a larger id stops the run
+    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "c", "--vocab_size", 100,
+                 match="but --vocab_size is 100: train with --vocab_size")
+    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "c", match="--overwrite")
+
+
+def test_a_val_split_of_one_token_is_refused(tmp_path, capsys):
+    from test_data import make_folder
+
+    make_folder(tmp_path / "data", val_lengths=(1,))
+    expect_error(capsys, "--data", tmp_path / "data", "--out_dir", tmp_path / "out", "--eval_interval", 1,
+                 "--max_steps", 1, match="--eval_interval 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_device_is_one_line(small_data, tmp_path, capsys):
+    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path, "--device", "foo", match="--device foo")

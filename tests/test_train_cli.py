@@ -73,7 +73,7 @@ def test_a_second_run_into_the_same_folder_is_refused(small_data, tmp_path):
     assert snapshot(out) == before
 
     assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 1, "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "notes.txt"]  # the old checkpoint is gone
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "loss.png", "notes.txt"]  # the old checkpoint is gone
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 0] and "run" in records[0]       # one run, from step 0
 
@@ -91,6 +91,8 @@ BAD_FLAGS = [
     (("--min_lr_ratio", 2), "--min_lr_ratio must be in [0, 1]"),
     (("--hellaswag_limit", 0), "--hellaswag_limit must be positive"),
     (("--resume", "--overwrite"), "give one of them"),
+    (("--delete_consumed_shards",), "--delete_consumed_shards reads the train split once, in order: "
+                                    "add --sampling sequential"),
 ]
 
 
