@@ -107,8 +107,8 @@ def test_every_autotuning_candidate(candidate, causal, device, monkeypatch, pois
         monkeypatch.setattr(tuner, "configs", [config])
         monkeypatch.setattr(tuner, "cache", {})
     monkeypatch.setattr(launch, "_launchers", {})  # the eager path's bound kernels, chosen under other configs
-    for deterministic in (True, False):
-        check_against_reference(1, 2, 130, 64, causal, torch.float32, device, atol=1e-5, deterministic=deterministic)
+    for deterministic in (True, False):  # fp16: the tiles' shared memory as in training (fp32 may not fit a GPU)
+        check_against_reference(1, 2, 130, 64, causal, torch.float16, device, atol=2e-3, deterministic=deterministic)
     assert all(tuner.best_config is config for tuner, config in chosen.items())
 
 
