@@ -234,8 +234,8 @@ def child_command(args, out_dir, smoke) -> list:
 def run_section(name, args, out_dir, smoke, timeout) -> dict:
     """Runs a child in a process group of its own; its rows, with an error when it failed or ran out of time."""
     start = time.perf_counter()
-    child = subprocess.Popen(child_command(args, out_dir, smoke), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    child = subprocess.Popen(child_command(args, out_dir, smoke), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = child.communicate(timeout=timeout)
         error = f"exit code {child.returncode}" if child.returncode else None
@@ -261,7 +261,7 @@ def markdown(env: dict, records: list) -> str:
             lines += [f"**{record['error']}**", "", "```", record.get("stderr", "")[-1500:], "```", ""]
         rows = record["result"]
         if record["section"] == "tests":
-            lines += [f"exit code {row['returncode']}: {row['summary']} (full output: tests.log)" for row in rows] + [""]
+            lines += [f"exit code {r['returncode']}: {r['summary']} (full output: tests.log)" for r in rows] + [""]
         elif record["section"] == "kernels":
             for entry in rows:
                 lines += [f"### {entry['benchmark']}", "", entry["table"], ""]

@@ -34,9 +34,10 @@ weight tying. The table leaves every tensor where its owner put it, and it works
 Triton interpreter, where a CPU tensor's data_ptr() is a real address. A step is thus one
 torch._foreach_add_ on the step counters plus at most two launches per param group and dtype, a launch
 with no blocks being skipped (three in all for GPT-2 124M: its decayed matrices are whole multiples of
-the block, its undecayed biases and LayerNorm weights are each shorter than one); the host's part is a tuple of data_ptr() calls compared with the cached key, the
-tables being rebuilt only when a param or grad was (re)allocated elsewhere. State tensors are meant to
-be replaced only through load_state_dict, which drops the cached tables.
+the block, its undecayed biases and LayerNorm weights are each shorter than one); the host's part is a
+tuple of data_ptr() calls compared with the cached key, the tables being rebuilt only when a param or
+grad was (re)allocated elsewhere. State tensors are meant to be replaced only through load_state_dict,
+which drops the cached tables.
 
 Runtime values, never constexpr: lr, betas, eps, weight_decay, max_norm (floats, which Triton never
 specialises) and the step (read from memory), so a learning-rate schedule never recompiles, and no

@@ -15,12 +15,13 @@ dx = ddelta = ds + dLN/ds. The sum s is rounded to its dtype before the statisti
 
 Output dtypes: s has the promoted dtype of x and delta. y has x's (or s's) dtype, except under autocast,
 where it is written in the autocast dtype: y always feeds a matmul, which would cast it anyway. The
-gradients leave in their inputs' dtypes. dx and ddelta are the same values: when delta is narrower than x
-(as in the model) the kernel writes both, so the narrower one is not a cast kernel of its own; when x is
-the narrower one, its dx is a cast of ddelta after the kernel (no GPT-2 path does that). In the model under bf16 autocast (fp32 residual x,
-bf16 sublayer output delta) that is 12 bytes an element forward (read 4 + 2, write 4 + 2) instead of
-20 (a 4-byte y, then autocast's cast reading it and writing 2), and 16 backward (read s, ds, a 2-byte
-dy; write dx, ddelta) instead of 26 (a cast of dy to 4 bytes, and of dx to ddelta).
+gradients leave in their inputs' dtypes. dx and ddelta are the same values: when delta is narrower than
+x (as in the model) the kernel writes both, so the narrower one is not a cast kernel of its own; when x
+is the narrower one, its dx is a cast of ddelta after the kernel (no GPT-2 path does that). In the model
+under bf16 autocast (fp32 residual x, bf16 sublayer output delta) that is 12 bytes an element forward
+(read 4 + 2, write 4 + 2) instead of 20 (a 4-byte y, then autocast's cast reading it and writing 2), and
+16 backward (read s, ds, a 2-byte dy; write dx, ddelta) instead of 26 (a cast of dy to 4 bytes, and of
+dx to ddelta).
 
 Design: one program holds a (BLOCK_M, BLOCK_N >= C) tile of whole rows in registers (kernels/rowwise.py
 picks the tile), so x is read once forward and (x, dy) once backward. dw and db are summed over rows in
