@@ -275,7 +275,10 @@ class Run:
         cfg = self.cfg
         vocab, positions = pretrained_size(cfg.init_from) if cfg.init_from else (cfg.vocab_size, None)
         meta = self.train_loader.meta or {}
-        if meta.get("tokenizer") == ENCODING_NAME and vocab < VOCAB_SIZE:
+        # GPT-2 BPE shards hold ids below VOCAB_SIZE, checked against the vocabulary here, once: only other
+        # folders are checked batch by batch
+        self.ids_unchecked = meta.get("tokenizer") != ENCODING_NAME
+        if not self.ids_unchecked and vocab < VOCAB_SIZE:
             if cfg.init_from:
                 model, fix = f"--init_from {cfg.init_from}'s vocab_size {vocab}", "fine-tune a GPT-2 vocabulary model"
             else:
@@ -303,6 +306,8 @@ class Run:
     def check_token_ids(self, x, y):
         """A token id past the embedding fails here, in one line, not as an IndexError (or a CUDA device
         assert) inside the model: a data folder without meta.json says nothing of its ids in advance."""
+        if not self.ids_unchecked:
+            return
         top = int(torch.maximum(x.max(), y.max()))
         vocab = self.raw_model.config.vocab_size
         if top >= vocab and self.cfg.init_from:
