@@ -110,6 +110,9 @@ def test_host_overhead_smoke_times_every_op():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for case in ("layernorm", "add_layernorm", "gelu", "attention", "cross_entropy", "adamw step", "GPT step"):
         assert f"| {case}" in result.stdout
+    for op in ("layernorm", "add_layernorm", "gelu", "attention", "cross_entropy"):  # timed without launches too
+        cells = next(line for line in result.stdout.splitlines() if line.startswith(f"| {op} |")).split("|")[1:-1]
+        assert len(cells) == 6 and float(cells[4]) > 0, cells
 
 
 def test_smoke_catches_a_provider_that_disagrees():
