@@ -33,10 +33,14 @@ MODELS = {
 
 def train_step(kernels: str, compile_model: bool, deterministic: bool = True):
     def factory(config, device, dtype):
+        # Dynamo's caches hold every model compiled before (its parameters too) and count each provider and
+        # batch size towards one recompile limit: each provider starts from none. dynamic=False: the second
+        # batch size in a process would otherwise be compiled with a symbolic batch, unlike a training run's.
+        torch._dynamo.reset()
         torch.manual_seed(0)
         model = GPT(GPTConfig(**MODELS[config["model"]]), resolve(kernels, device, deterministic)).to(device)
         optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-        runnable = torch.compile(model) if compile_model else model
+        runnable = torch.compile(model, dynamic=False) if compile_model else model
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         amp = "bfloat16" if device.type == "cuda" else "float32"
         tokens = torch.randint(0, model.config.real_vocab_size, (config["B"], config["T"] + 1),

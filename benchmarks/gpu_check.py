@@ -1,39 +1,58 @@
-"""The GPU check: what a short GPU slot should measure first, in one command (at most 8 minutes on an H200).
+r"""The GPU check: what a short GPU slot should measure first, in one command (at most 8 minutes on an H200).
 
     python benchmarks/gpu_check.py                    # on a GPU: writes benchmarks/results/<gpu>/
     python benchmarks/gpu_check.py --budget 300       # seconds for all sections together (default 420)
-    python benchmarks/gpu_check.py --sections step-B64,ablation,restart   # a second command: the rest
+    python benchmarks/gpu_check.py --sections kernels-rest,step-B64   # a second command: the rest
     python benchmarks/gpu_check.py --smoke --out DIR  # on a CPU: every section at tiny sizes (CI)
 
 On a lent machine whose files come back only from one folder, and only a few of them, --archive keeps
 a .tar.gz of the results folder up to date after every section, so that a command stopped at its time
-limit still returns everything measured before:
+limit still returns everything measured before. There the tree is a copy without .git: GPT2_COMMIT
+names the commit in the results. A 15-minute H200 slot's first command:
 
-    timeout 570 python3 benchmarks/gpu_check.py --out gpu_results --archive $OUT/gpu_check.tar.gz
+    GPT2_COMMIT=<sha> timeout 570 python3 benchmarks/gpu_check.py --budget 540 --out gpu_results \
+        --archive $OUT/gpu_check.tar.gz
+
+and, if device time is left, one short second command for the sections the first skipped or did not
+finish (gpu_check.md says which), with a budget S of the device seconds left less a minute's margin,
+and a folder of its own (gpu_check.md lists one command's sections):
+
+    GPT2_COMMIT=<sha> timeout <S + 30> python3 benchmarks/gpu_check.py --sections kernels-rest,step-B64 \
+        --budget <S> --out gpu_results2 --archive $OUT/gpu_check2.tar.gz
 
 (nothing to carry: the GPU tests and the step need no data files, and the children run with whichever
-Python started the check, there python3).
+Python started the check, there python3). A SIGTERM (the outer timeout's) or Ctrl-C kills the running
+child's process group and writes what was measured before the check ends.
 
-Sections, most important first; each runs in a child process of its own process group (a crash is a
+Sections, most important first; each runs in child processes of their own process groups (a crash is a
 finding, not the end of the check; at its time limit the whole group is killed, pytest included).
-A section is skipped when the time left is below its estimate: at the default budget, expect the first
-three; --sections runs the others in a later command. A child reports each row (a provider's step, a
-kernel's table) as it is measured, so a section stopped at its limit keeps the rows it finished, and
-gpu_check.md (tables) and gpu_check.json are written as each section ends:
+A section is skipped when the time left is below its estimate: at a budget of 540 s, expect the first
+three, and kernels-rest if the first ones are quick; --sections runs the others in a later command.
+A child reports each row (a provider's step, a kernel's config, provider and mode) as it is measured,
+so a section stopped at its limit keeps the rows it finished, and gpu_check.md (tables) and
+gpu_check.json are written as each section ends:
 
-  tests      the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in tests.log,
-             written as they run, with the slowest tests' durations
-  step-B16   the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
-             triton, eager and torch.compile'd, and triton+compile with attention's atomic dq backward
-             (--no-deterministic): ms, tokens/s, MFU (datasheet bf16 peak), peak memory, and the
-             seconds to the first step (compilation and autotuning included)
-  kernels    every kernel benchmark at GPT-2 shapes (the configs its targets are set at, else one;
-             benchmarks/run.py's tables and plots), and each autotuned kernel's choice with every
-             candidate's time
-  step-B64   the same providers again at the micro-batch of GPT-2 124M's real run
-  ablation   each op alone on Triton, compiled, B=16: what each kernel buys or costs end to end
-  restart    triton+compile and torch+compile again in a new process: the start-up with warm caches
-             (compiled kernels, tuning results), the second start of a run or a second rank
+  tests         the GPU-marked tests (pytest -m gpu), autotuning off (GPT2_AUTOTUNE=0); output in
+                tests.log, written as they run, with the slowest tests' durations
+  step-B16      the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
+                triton, eager and torch.compile'd, and triton+compile with attention's atomic dq backward
+                (--no-deterministic): ms, tokens/s, MFU (datasheet bf16 peak), peak memory of the timed
+                steps, and the seconds to the first step (compilation and autotuning included)
+  kernels       the LayerNorm benchmarks at the four GPT-2 widths (64K rows) against torch.compile: all
+                bf16 (layernorm, add_layernorm) and the model's mixed path (fp32 residual + bf16 delta under
+                autocast, add_layernorm_model), then attention at T = 1024 and 4096 against the fastest
+                SDPA backend, the atomic dq backward included, with every autotuning candidate's time
+  kernels-rest  gelu, adamw, adamw_clip and cross_entropy at their first config
+  step-B64      the same providers as step-B16 at the micro-batch of GPT-2 124M's real run
+  ablation      torch+compile, and each op alone on Triton, compiled, B=16: what each kernel buys or costs
+  restart       triton+compile and torch+compile again in a new process: the start-up with the caches
+                the earlier sections filled (compiled kernels, tuning results), a run's second start; its
+                rows say whether Triton's and Inductor's caches held anything when it began
+
+Each kernel benchmark runs in a child of its own, so that a CUDA error that poisons its process (an
+illegal address) costs that benchmark only; the first measures the device's ceilings (copy GB/s, bf16
+matmul TFLOP/s) into ceilings.json for the others. Each writes its <name>.json, .md and .png as
+benchmarks/run.py does.
 """
 import argparse
 import json
@@ -44,6 +63,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -51,33 +71,51 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 CORE = ("torch", "torch+compile", "triton", "triton+compile")
 ATOMIC = "triton+compile+atomic"
+KERNELS = ("layernorm", "add_layernorm", "add_layernorm_model", "attention")  # issue 14's figures, first
+KERNELS_REST = ("gelu", "adamw", "adamw_clip", "cross_entropy")
+
+# how many of a kernel benchmark's first configs the kernel sections time: those its targets are set at
+# (attention: T = 1024 and 4096; LayerNorm: the four GPT-2 widths at 64K rows); one for the others
+TARGET_CONFIGS = {"attention": 2, "layernorm": 4, "add_layernorm": 4, "add_layernorm_model": 4}
 
 
 def sections(smoke: bool) -> list:
-    """(name, estimated seconds, most seconds, child arguments); the estimates are guesses for an H200
-    with a 16-core host, to be replaced by the first run's measured seconds."""
+    """(name, estimated seconds, most seconds, the arguments of each of its children, run in turn). The
+    estimates are guesses for an H200 with a 16-core host (each child a few seconds' start-up, each
+    torch.compile of the model about a minute cold), to be replaced by the first run's measured seconds;
+    at the first command's budget of 540 s, the kernels section starts even after the two before it have
+    run to their limits."""
     from gpt2.ops import OP_NAMES
 
     batch = 2 if smoke else 16
     core = ("torch", "triton") if smoke else (*CORE, ATOMIC)  # torch.compile cannot trace the interpreter
+    ablation = [] if smoke else ["torch+compile", *(f"{op}+compile" for op in OP_NAMES)]
     return [
-        ("tests", 90, 180, ["tests"]),
-        ("step-B16", 180, 270, ["steps", str(batch), *core]),
-        ("kernels", 100, 180, ["kernels"]),
-        ("step-B64", 150, 210, ["steps", str(batch if smoke else 64), *core]),
-        ("ablation", 200, 240, ["steps", str(batch), *([] if smoke else [f"{op}+compile" for op in OP_NAMES])]),
-        ("restart", 60, 120, ["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]),
+        ("tests", 90, 180, [["tests"]]),
+        ("step-B16", 180, 240, [["steps", str(batch), *core]]),
+        # about 150 s (LayerNorm ~90, attention ~60); started with 120 s left, its rows being kept one by one
+        ("kernels", 120, 210, [["kernel", name] for name in KERNELS]),
+        ("kernels-rest", 60, 120, [["kernel", name] for name in KERNELS_REST]),
+        ("step-B64", 150, 210, [["steps", str(batch if smoke else 64), *core]]),
+        ("ablation", 240, 300, [["steps", str(batch), *ablation]]),
+        ("restart", 60, 120, [["steps", str(batch), *([] if smoke else ["triton+compile", "torch+compile"])]]),
     ]
 
 
 # ---------------------------------------------------------------------------------------------
-# the children: each measures one section and reports each row as one line of JSON as it is done
+# the children: each measures one part of a section and reports each row as one line of JSON as it is done
 
 ROW = "gpu_check row: "
 
 
 def report_row(row) -> None:
-    print(ROW + json.dumps(row), flush=True)
+    print(ROW + json.dumps(row, default=str), flush=True)
+
+
+def _device(smoke: bool):
+    import torch
+
+    return torch.device("cpu" if smoke else "cuda")
 
 
 def run_tests(smoke: bool, out_dir: pathlib.Path) -> None:
@@ -95,35 +133,70 @@ def run_tests(smoke: bool, out_dir: pathlib.Path) -> None:
 def run_steps(batch: int, providers: list, smoke: bool) -> None:
     import torch
 
-    import bench_train
     from gpt2.runtime import peak_bf16_flops
 
-    device = torch.device("cpu" if smoke else "cuda")
+    device = _device(smoke)
+    caches = cache_state()  # before this child compiles anything
     config = {"model": "tiny" if smoke else "124M", "B": batch, "T": 32 if smoke else 1024}
-    flops_per_step = bench_train.flops_per_step(config)
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for provider in providers:
-        row = {"provider": provider, **config}
+        row = {"provider": provider, **config, "caches_at_start": caches}
         try:
+            row.update(_time_training_step(provider, config, device, peak, smoke))
             if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            step = bench_train.PROVIDERS[provider](config, device, torch.float32 if smoke else torch.bfloat16)
-            if smoke:
-                step()
-            _sync(device)
-            row["first_steps_s"] = time.perf_counter() - start  # build, compile, tune, 3 steps on a GPU
-            row["ms"] = _median_ms(step, device, 2 if smoke else 10)
-            row["tokens_per_s"] = batch * config["T"] / row["ms"] * 1e3
-            if peak:
-                row["mfu"] = flops_per_step / (row["ms"] / 1e3) / peak
-                row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
         except Exception as err:  # a provider that crashes is a result
-            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+            lines = str(err).strip().splitlines()
+            row["error"] = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
         report_row(row)
-        step = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+
+def _time_training_step(provider: str, config: dict, device, peak, smoke: bool) -> dict:
+    """One provider's step: seconds to the first steps, then the median of timed steps, and their peak
+    memory (the build, compilation and autotuning excluded). Its model is freed when this returns (a
+    compiled one, which Dynamo's caches hold, when the next provider's factory resets them)."""
+    import torch
+
+    import bench_train
+
+    start = time.perf_counter()
+    step = bench_train.PROVIDERS[provider](config, device, torch.float32 if smoke else torch.bfloat16)
+    if smoke:
+        step()
+    _sync(device)
+    row = {"first_steps_s": time.perf_counter() - start}  # build, compile, tune, 3 steps on a GPU
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row["ms"] = _median_ms(step, device, 2 if smoke else 10)
+    row["tokens_per_s"] = config["B"] * config["T"] / row["ms"] * 1e3
+    if peak:
+        row["mfu"] = bench_train.flops_per_step(config) / (row["ms"] / 1e3) / peak
+        row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def cache_state() -> dict:
+    """Whether Triton's and Inductor's on-disk caches held anything: a 'restart' on a fresh machine (or
+    after a second command's cold start) is a cold start, whatever the section is called."""
+    return {"triton": _holds_files(_triton_cache_dir()), "inductor": _holds_files(_inductor_cache_dir())}
+
+
+def _triton_cache_dir() -> pathlib.Path:
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; before, the variable or its default
+    default = os.environ.get("TRITON_CACHE_DIR") or pathlib.Path.home() / ".triton" / "cache"
+    return pathlib.Path(knobs.cache.dir if knobs is not None else default)
+
+
+def _inductor_cache_dir() -> pathlib.Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return pathlib.Path(cache_dir())
+
+
+def _holds_files(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _sync(device):
@@ -144,65 +217,92 @@ def _median_ms(step, device, n: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-# how many of a kernel benchmark's first configs this section times: those its targets are set at
-# (attention: T = 1024 and 4096; LayerNorm: the four GPT-2 widths at 64K rows); one for the others
-TARGET_CONFIGS = {"attention": 2, "layernorm": 4}
-
-
-def run_kernels(smoke: bool, out_dir: pathlib.Path) -> None:
-    """Each kernel benchmark at its first configs (TARGET_CONFIGS), tables written."""
+def run_kernel(name: str, smoke: bool, out_dir: pathlib.Path) -> None:
+    """One kernel benchmark at its first configs (TARGET_CONFIGS): what it is measured against, then each
+    row as it is measured, then its autotuners' choices; its tables and plot written as run.py writes them."""
     import dataclasses
-
-    import torch
 
     import harness
     from run import discover
 
-    device = torch.device("cpu" if smoke else "cuda")
-    env = harness.environment(device)
-    ceilings = {} if smoke else harness.measure_ceilings(device)
-    benchmarks = discover()
-    if not smoke:
-        _tune_afresh()
-    for name, bench in benchmarks.items():
-        if name == "train":
-            continue  # the step sections time it
-        if smoke:
-            rows = (harness.smoke_op if isinstance(bench, harness.OpBench) else harness.smoke_step)(bench, device)
-        else:
-            bench = dataclasses.replace(bench, configs=bench.configs[:TARGET_CONFIGS.get(name, 1)])
-            rows = (harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step)(bench, device, ceilings)
-            harness.write_results(bench, rows, env, ceilings, out_dir)
-        report_row({"benchmark": name, "table": harness.markdown_table(bench, rows)})
-    report_row({"benchmark": "autotuning: the config each autotuned kernel chose", "table": tuning_table()})
+    bench = discover()[name]
+    device = _device(smoke)
+    ceilings = {} if smoke else device_ceilings(device, out_dir)
+    report_row({"benchmark": name, "unit": bench.unit, "baseline": bench.baseline,
+                "smoke_baseline": bench.smoke_baseline, "ceilings": ceilings})
+
+    def report(row):
+        report_row({"benchmark": name, **row})
+
+    if smoke:
+        for row in (harness.smoke_op if isinstance(bench, harness.OpBench) else harness.smoke_step)(bench, device):
+            report(row)
+        return
+    tuners = harness.autotuners()
+    _tune_afresh(tuners)
+    bench = dataclasses.replace(bench, configs=bench.configs[:TARGET_CONFIGS.get(name, 1)])
+    time_bench = harness.time_op if isinstance(bench, harness.OpBench) else harness.time_step
+    rows = time_bench(bench, device, ceilings, report)
+    harness.write_results(bench, rows, harness.environment(device), ceilings, out_dir)
+    table = tuning_table(tuners)
+    if table:
+        report({"tuning": table})
 
 
-def _tune_afresh() -> None:
-    """The step sections have stored their tuning choices in Triton's disk cache; this section's
-    autotuners benchmark their candidates again, so that tuning_table() has every candidate's time."""
+CEILINGS = "ceilings.json"
+
+
+def device_ceilings(device, out_dir: pathlib.Path) -> dict:
+    """The device's copy and matmul ceilings: measured by the check's first kernel benchmark, read from
+    out_dir/ceilings.json by the others (each runs in a process of its own; the parent removes the file
+    when a check starts)."""
     import harness
 
-    for _, tuner in harness.autotuners():
+    path = out_dir / CEILINGS
+    if path.exists():
+        return json.loads(path.read_text())
+    ceilings = harness.measure_ceilings(device)
+    partial = path.with_name(path.name + ".partial")  # never half written, should the section's time run out
+    partial.write_text(json.dumps(ceilings))
+    partial.replace(path)
+    return ceilings
+
+
+def _tune_afresh(tuners) -> None:
+    """The step sections have stored their tuning choices in Triton's disk cache; here the autotuners
+    benchmark their candidates again, so that tuning_table() has every candidate's time, for every tuning
+    key (Triton keeps the timings of the last key it tuned only)."""
+    for _, tuner in tuners:
         tuner.cache_results = False
+        tuner.timings_by_key = {}
+        tuner.run = _keeping_timings(tuner, tuner.run)  # kernel[grid](...) calls tuner.run
 
 
-def tuning_table() -> str:
-    """Every autotuned kernel's choice per tuning key in this process (the candidates' timings where it
-    benchmarked them, rather than reading Triton's disk cache): which candidates win at GPT-2 shapes, and
-    which are never chosen and could be dropped from the start-up's tuning."""
-    import harness
+def _keeping_timings(tuner, run):
+    def run_and_keep(*args, **kwargs):
+        keys, timings = set(tuner.cache), getattr(tuner, "configs_timings", None)
+        result = run(*args, **kwargs)
+        new_timings = getattr(tuner, "configs_timings", None)
+        for key in set(tuner.cache) - keys:  # a key tuned just now; no new timings: one candidate was left
+            if new_timings is not timings:
+                tuner.timings_by_key[key] = new_timings
+        return result
 
+    return run_and_keep
+
+
+def tuning_table(tuners) -> str | None:
+    """Every autotuned kernel's choice per tuning key in this process, with the candidates' timings where
+    it benchmarked them (after _tune_afresh): which candidates win at GPT-2 shapes, and which are never
+    chosen and could be dropped from the start-up's tuning. None when no kernel was autotuned."""
     lines = ["| kernel | tuning key | chosen | ms of each candidate, as tried (median) |", "|---|---|---|---|"]
-    for name, tuner in harness.autotuners():
-        last_key = list(tuner.cache)[-1] if tuner.cache else None
+    for name, tuner in tuners:
         for key, config in tuner.cache.items():
-            timings = getattr(tuner, "configs_timings", None) if key == last_key else None
+            timings = getattr(tuner, "timings_by_key", {}).get(key)
             tried = ", ".join(f"{_label(c)}: {t[0] if isinstance(t, list) else t:.3f}"
                               for c, t in (timings or {}).items())
-            if not tried:
-                tried = "from Triton's disk cache" if key == last_key else "timings kept for the last key only"
-            lines.append(f"| {name} | {key} | {_label(config)} | {tried} |")
-    return "\n".join(lines) if len(lines) > 2 else "no kernel was autotuned (one config each)"
+            lines.append(f"| {name} | {key} | {_label(config)} | {tried or 'not timed: one candidate was left'} |")
+    return "\n".join(lines) if len(lines) > 2 else None
 
 
 def _label(config) -> str:
@@ -220,33 +320,80 @@ def child(argv) -> None:
     elif kind == "steps":
         run_steps(int(argv[2]), argv[3:], smoke)
     else:
-        run_kernels(smoke, out_dir)
+        run_kernel(argv[2], smoke, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
 # the parent: sections under a deadline, results written as they come
 
 
+class Stopped(Exception):
+    """The check itself was told to stop: SIGTERM (an outer `timeout`) or SIGINT (Ctrl-C)."""
+
+
+def _stop(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the check at once
+    raise Stopped(signal.Signals(signum).name)
+
+
 def child_command(args, out_dir, smoke) -> list:
     return [sys.executable, __file__, "--child", args[0], str(out_dir), *args[1:], *(["--smoke"] if smoke else [])]
 
 
-def run_section(name, args, out_dir, smoke, timeout) -> dict:
-    """Runs a child in a process group of its own; its rows, with an error when it failed or ran out of time."""
-    start = time.perf_counter()
-    child = subprocess.Popen(child_command(args, out_dir, smoke), cwd=REPO, stdout=subprocess.PIPE,
+def run_child(args, out_dir, smoke, timeout) -> dict:
+    """One child in a process group of its own (its session: the outer `timeout` does not reach it, so the
+    parent kills it when it is stopped): its rows, its error (None if it succeeded), the end of its stderr,
+    and whether the check was stopped."""
+    command = os.environ.get("GPT2_BENCH_COMMAND") or " ".join(["python", *sys.argv])  # the check's, for its results
+    env = {**os.environ, "GPT2_BENCH_COMMAND": command}
+    child = subprocess.Popen(child_command(args, out_dir, smoke), cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stopped = None
     try:
         stdout, stderr = child.communicate(timeout=timeout)
-        error = f"exit code {child.returncode}" if child.returncode else None
-    except subprocess.TimeoutExpired:
+        error = _exit_error(child.returncode)
+    except (subprocess.TimeoutExpired, Stopped) as end:
         os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started (pytest), not the child alone
         stdout, stderr = child.communicate()
-        error = f"timed out after {timeout:.0f} s"
+        stopped = None if isinstance(end, subprocess.TimeoutExpired) else str(end)
+        error = f"stopped by {stopped}" if stopped else f"timed out after {timeout:.0f} s"
     rows = [json.loads(line[len(ROW):]) for line in stdout.splitlines() if line.startswith(ROW)]
-    record = {"section": name, "seconds": round(time.perf_counter() - start, 1), "result": rows}
-    if error:
-        record.update(error=f"{error}; {len(rows)} rows measured before", stderr=stderr[-3000:])
+    return {"rows": rows, "error": error, "stderr": stderr[-3000:], "stopped": stopped}
+
+
+def _exit_error(returncode: int) -> str | None:
+    if returncode < 0:  # a signal: SIGSEGV, SIGABRT (a CUDA error can end in either), SIGKILL (out of memory)
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}" if returncode else None
+
+
+def run_section(name, children, out_dir, smoke, timeout) -> dict:
+    """Runs the section's children in turn within timeout seconds together: its rows, with an error when a
+    child failed or the time ran out. A kernel benchmark that fails leaves the next one its turn."""
+    start = time.perf_counter()
+    record = {"section": name, "result": []}
+    errors, stderrs, reported = [], [], 0
+    for args in children:
+        label = args[1] if args[0] == "kernel" else None  # the benchmark's name
+        left = None if timeout is None else timeout - (time.perf_counter() - start)
+        if "stopped" in record or (left is not None and left < 1):
+            error, run = f"not started: the section was {'stopped' if 'stopped' in record else 'out of time'}", None
+        else:
+            run = run_child(args, out_dir, smoke, left)
+            record["result"] += run["rows"]
+            reported += len(run["rows"])
+            error = run["error"]
+            if run["stopped"]:
+                record["stopped"] = run["stopped"]
+        if error and label:
+            record["result"].append({"benchmark": label, "error": error})
+        if error:
+            errors.append(f"{label}: {error}" if label else error)
+            stderrs.append(f"--- {label or name}\n{run['stderr']}" if run and run["stderr"] else "")
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    if errors:
+        record.update(error=f"{'; '.join(errors)}; {reported} rows reported",
+                      stderr="\n".join(s for s in stderrs if s)[-3000:])
     return record
 
 
@@ -262,12 +409,38 @@ def markdown(env: dict, records: list) -> str:
         rows = record["result"]
         if record["section"] == "tests":
             lines += [f"exit code {r['returncode']}: {r['summary']} (full output: tests.log)" for r in rows] + [""]
-        elif record["section"] == "kernels":
-            for entry in rows:
-                lines += [f"### {entry['benchmark']}", "", entry["table"], ""]
+        elif any("benchmark" in r for r in rows):
+            lines += kernel_tables(rows)
         elif rows:
-            lines += [step_table(rows), ""]
+            lines += [caches_line(rows[0]), "", step_table(rows), ""]
     return "\n".join(lines)
+
+
+def kernel_tables(rows) -> list:
+    """Each kernel benchmark's rows, in the order they came: what it is measured against, its table, its
+    error if its child failed, its autotuners' choices."""
+    import harness
+
+    lines = []
+    for name in dict.fromkeys(r["benchmark"] for r in rows):
+        own = [r for r in rows if r["benchmark"] == name]
+        spec = next((r for r in own if "unit" in r), None)
+        measured = [r for r in own if "provider" in r]
+        lines += [f"### {name}", ""]
+        if spec and spec["ceilings"]:
+            lines += ["measured ceilings: " + ", ".join(f"{k} {v:,.0f}" for k, v in spec["ceilings"].items()), ""]
+        if spec and measured:
+            lines += [harness.markdown_table(types.SimpleNamespace(**spec), measured), ""]
+        lines += [item for r in own if "error" in r and "provider" not in r for item in (f"**{r['error']}**", "")]
+        lines += [item for r in own if "tuning" in r for item in ("autotuning: the config each autotuned kernel "
+                                                                  "chose", "", r["tuning"], "")]
+    return lines
+
+
+def caches_line(row) -> str:
+    caches = row.get("caches_at_start", {})
+    state = ", ".join(f"{name.capitalize()}'s {'held files' if full else 'was empty'}" for name, full in caches.items())
+    return f"on-disk caches when the section began: {state}" if state else ""
 
 
 def step_table(rows) -> str:
@@ -292,6 +465,13 @@ def archive(folder: pathlib.Path, path: pathlib.Path) -> None:
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     partial.replace(path)
+
+
+def write_report(out_dir: pathlib.Path, env: dict, records: list, archive_path) -> None:
+    (out_dir / "gpu_check.json").write_text(json.dumps({"environment": env, "sections": records}, indent=1))
+    (out_dir / "gpu_check.md").write_text(markdown(env, records))
+    if archive_path:
+        archive(out_dir, pathlib.Path(archive_path))
 
 
 def main(argv=None) -> int:
@@ -321,29 +501,43 @@ def main(argv=None) -> int:
         print("error: no CUDA device; on a CPU run the smoke mode: python benchmarks/gpu_check.py --smoke --out DIR",
               file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.smoke else "cuda")
+    device = _device(args.smoke)
     env = harness.environment(device)
     out_dir = pathlib.Path(args.out) if args.out else harness.results_dir(env["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + args.budget
+    (out_dir / CEILINGS).unlink(missing_ok=True)  # measured again by this check's first kernel benchmark
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
     records = []
-    for name, estimate, most, child_args in sections(args.smoke):
-        left = deadline - time.perf_counter()
-        if name not in chosen or (child_args[0] == "steps" and len(child_args) == 2):  # no providers: nothing to do
+    try:
+        run_sections(args, chosen, out_dir, env, records)
+    except Stopped as stop:  # between two sections
+        records.append({"section": "the rest", "skipped": f"not run: the check was stopped by {stop}"})
+    write_report(out_dir, env, records, args.archive)
+    print((out_dir / "gpu_check.md").read_text())
+    failed = [r["section"] for r in records if "error" in r or "stopped" in r]
+    return 1 if failed else 0
+
+
+def run_sections(args, chosen, out_dir, env, records) -> None:
+    """The chosen sections in their order under args.budget, each appended to records as it ends."""
+    deadline = time.perf_counter() + args.budget
+    for name, estimate, most, children in sections(args.smoke):
+        if name not in chosen:
             continue
-        if left < estimate and not args.smoke:
+        left = deadline - time.perf_counter()
+        if not any(child_args[0] != "steps" or child_args[2:] for child_args in children):  # no providers
+            records.append({"section": name, "skipped": "nothing to run here: its providers are compiled ones, "
+                                                        "and torch.compile cannot trace the Triton interpreter"})
+        elif left < estimate and not args.smoke:
             records.append({"section": name, "skipped": f"skipped: {left:.0f} s left, it takes about {estimate} s"})
         else:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             timeout = None if args.smoke else min(left, most)
-            records.append(run_section(name, child_args, out_dir, args.smoke, timeout))
-        (out_dir / "gpu_check.json").write_text(json.dumps({"environment": env, "sections": records}, indent=1))
-        (out_dir / "gpu_check.md").write_text(markdown(env, records))
-        if args.archive:
-            archive(out_dir, pathlib.Path(args.archive))
-    print((out_dir / "gpu_check.md").read_text())
-    failed = [r["section"] for r in records if "error" in r]
-    return 1 if failed else 0
+            records.append(run_section(name, children, out_dir, args.smoke, timeout))
+        write_report(out_dir, env, records, args.archive)
+        if "stopped" in records[-1]:
+            return
 
 
 if __name__ == "__main__":

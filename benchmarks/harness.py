@@ -4,27 +4,32 @@ A benchmark file `benchmarks/bench_<name>.py` defines `BENCHMARKS = [OpBench(...
 `benchmarks/run.py` finds it. Two kinds:
 
 - OpBench: an autograd op timed in the modes forward / backward / full for each provider
-  (`triton`, `torch`, ... and `torch.compile` of the torch provider, added here).
+  (`triton`, `torch`, ... and `torch.compile` of the torch provider, added here, as are the benchmark's
+  other compiled providers: once per run of a benchmark, each config compiled for its static shapes).
 - StepBench: a whole step (an optimizer step, a training step) timed per provider.
 
 Each reports time (median of triton.testing.do_bench), a rate from an explicit work formula
 (bytes -> GB/s, FLOPs -> TFLOP/s), the fraction of the device's measured ceiling (copy bandwidth,
-bf16 matmul), peak memory, and the speedup against the baseline provider.
+bf16 matmul), peak memory, and the speedup against the baseline provider (or the fastest of several).
+Each row can be handed to a callback as soon as it is measured, so that a caller stopped halfway keeps
+what was measured.
 
 Without CUDA, `smoke()` runs tiny sizes on CPU tensors in the Triton interpreter and checks that every
 provider agrees with the baseline: it catches a broken entry, it measures nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -47,10 +52,14 @@ class OpBench:
     configs: list[dict]                    # sizes timed on the GPU, a table row each
     smoke_configs: list[dict]              # tiny sizes checked in the CPU interpreter
     modes: tuple = MODES
-    baseline: str = "torch"                # speedups are against this provider
-    compile_baseline: bool = True          # also time torch.compile(providers["torch"])
+    # speedups are against this provider, or against the fastest of these (per config and mode) that ran
+    baseline: str | tuple[str, ...] = "torch"
+    compile_baseline: bool = True          # also time torch.compile(providers["torch"]), as COMPILED
+    # name -> fn timed as torch.compile(fn), built by the harness like COMPILED (the smoke pass runs fn eagerly)
+    compiled: dict[str, Callable] = field(default_factory=dict)
     dtype: torch.dtype = torch.bfloat16
     smoke_tol: float = 1e-3                # max abs difference allowed in smoke mode (fp32)
+    smoke_baseline: str = "torch"          # the provider the smoke pass compares the others with
 
 
 @dataclass
@@ -129,7 +138,11 @@ def _op_step(fn, inputs, mode):
     return lambda: torch.autograd.backward([o for o in _as_tuple(fn(*inputs)) if o.requires_grad], grads)
 
 
-def _peak_mb(step, device) -> float:
+def _peak_mb(step, device, leaves=()) -> float:
+    """Peak MiB allocated while one step() runs, from what is held before it: the inputs, without the
+    gradients that the timed runs left in them (do_bench clears them before each run, not after the last)."""
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
@@ -137,64 +150,108 @@ def _peak_mb(step, device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _error(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+@contextlib.contextmanager
+def compile_scope():
+    """One benchmark's torch.compile state: Dynamo's caches emptied, so that nothing compiled before counts
+    towards its limits, and room for a static compile per config (8 at most by default, after which Dynamo
+    would run the function eagerly and the 'compiled' rows would time PyTorch eager)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
 def _op_providers(bench: OpBench) -> dict:
-    providers = dict(bench.providers)
-    if bench.compile_baseline and "torch" in providers:
-        providers[COMPILED] = torch.compile(providers["torch"])
-    return providers
+    """bench's providers, and its compiled ones built here, once per run of the benchmark: dynamic=False
+    compiles each config for its static shapes, as the model's are (by default the second shape a
+    compiled function meets is compiled again with symbolic sizes, and timed as such)."""
+    compiled = dict(bench.compiled)
+    if bench.compile_baseline and "torch" in bench.providers:
+        compiled = {COMPILED: bench.providers["torch"], **compiled}
+    return {**bench.providers, **{name: torch.compile(fn, dynamic=False) for name, fn in compiled.items()}}
 
 
-def time_op(bench: OpBench, device, ceilings) -> list[dict]:
+def time_op(bench: OpBench, device, ceilings, report: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every config, provider and mode of bench; report(row) gets each row as soon as it is measured."""
     rows = []
-    for config in bench.configs:
-        for provider, fn in _op_providers(bench).items():
-            for mode in bench.modes:
-                row = {"config": config, "provider": provider, "mode": mode}
+    with compile_scope():
+        providers = _op_providers(bench)
+        for config in bench.configs:
+            for provider, fn in providers.items():
+                for mode in bench.modes:
+                    row = {"config": config, "provider": provider, "mode": mode}
+                    try:  # a provider the machine lacks (a cuDNN backend, say) is a row with its error
+                        row.update(_time_op_mode(bench, fn, config, mode, device, ceilings))
+                        torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
+                    except Exception as err:
+                        row["error"] = _error(err)
+                    rows.append(row)
+                    report(row)
+    return add_speedups(rows, bench.baseline)
+
+
+def _time_op_mode(bench: OpBench, fn, config, mode, device, ceilings) -> dict:
+    """One row's measurements; its inputs are freed when it returns, or raises."""
+    inputs = bench.make_inputs(config, device, bench.dtype)
+    step = _op_step(fn, inputs, mode)
+    ms = do_bench(step, grad_to_none=_leaves(inputs))
+    work_rate = rate(bench.unit, bench.work(config, mode), ms)
+    return {"ms": ms, "peak_MB": _peak_mb(step, device, _leaves(inputs)), "rate": work_rate,
+            "of_ceiling": work_rate / ceiling_of(bench.unit, ceilings)}
+
+
+def time_step(bench: StepBench, device, ceilings, report: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every config and provider of bench; report(row) gets each row as soon as it is measured."""
+    rows = []
+    with compile_scope():
+        for config in bench.configs:
+            for provider, factory in bench.providers.items():
+                row = {"config": config, "provider": provider, "mode": "step"}
                 try:
-                    inputs = bench.make_inputs(config, device, bench.dtype)
-                    step = _op_step(fn, inputs, mode)
-                    row["ms"] = do_bench(step, grad_to_none=_leaves(inputs))
-                    row["peak_MB"] = _peak_mb(step, device)
-                    row["rate"] = rate(bench.unit, bench.work(config, mode), row["ms"])
-                    row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
-                except Exception as err:  # a provider the machine lacks (a cuDNN backend, say)
-                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    row.update(_time_one_step(bench, factory, config, device, ceilings))
+                    torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
+                except Exception as err:
+                    row["error"] = _error(err)
                 rows.append(row)
-                inputs = step = None
-                torch.cuda.empty_cache()
-    return _add_speedups(rows, bench.baseline)
+                report(row)
+    return add_speedups(rows, bench.baseline)
 
 
-def time_step(bench: StepBench, device, ceilings) -> list[dict]:
-    rows = []
-    for config in bench.configs:
-        for provider, factory in bench.providers.items():
-            row = {"config": config, "provider": provider, "mode": "step"}
-            try:
-                step = factory(config, device, bench.dtype)
-                row["ms"] = do_bench(step, warmup=bench.warmup_ms, rep=bench.rep_ms)
-                row["peak_MB"] = _peak_mb(step, device)
-                row["rate"] = rate(bench.unit, bench.work(config), row["ms"])
-                row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
-                if bench.tokens:
-                    row["tokens_per_s"] = bench.tokens(config) / row["ms"] * 1e3
-                peak = peak_bf16_flops(torch.cuda.get_device_name(device))
-                if bench.unit == "TFLOP/s" and peak:
-                    row["of_datasheet"] = row["rate"] * 1e12 / peak
-            except Exception as err:
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append(row)
-            step = None  # free this provider's model and optimizer before the next one is built
-            torch.cuda.empty_cache()
-    return _add_speedups(rows, bench.baseline)
+def _time_one_step(bench: StepBench, factory, config, device, ceilings) -> dict:
+    """One provider's measurements; its model and optimizer are freed when it returns, or raises."""
+    step = factory(config, device, bench.dtype)
+    ms = do_bench(step, warmup=bench.warmup_ms, rep=bench.rep_ms)
+    row = {"ms": ms, "peak_MB": _peak_mb(step, device), "rate": rate(bench.unit, bench.work(config), ms)}
+    row["of_ceiling"] = row["rate"] / ceiling_of(bench.unit, ceilings)
+    if bench.tokens:
+        row["tokens_per_s"] = bench.tokens(config) / ms * 1e3
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device))
+    if bench.unit == "TFLOP/s" and peak:
+        row["of_datasheet"] = row["rate"] * 1e12 / peak
+    return row
 
 
-def _add_speedups(rows, baseline):
-    base = {(json.dumps(r["config"], sort_keys=True), r["mode"]): r.get("ms") for r in rows if r["provider"] == baseline}
+def baselines(baseline) -> tuple:
+    return (baseline,) if isinstance(baseline, str) else tuple(baseline)
+
+
+def add_speedups(rows, baseline) -> list[dict]:
+    """Each timed row's speedup against the baseline's row of its config and mode; with several baselines,
+    against the fastest of them there (named in "vs"): one that failed on this machine leaves the others."""
+    fastest = {}
+    for r in rows:
+        key = (json.dumps(r["config"], sort_keys=True), r["mode"])
+        if r["provider"] in baselines(baseline) and r.get("ms"):
+            if key not in fastest or r["ms"] < fastest[key]["ms"]:
+                fastest[key] = r
     for row in rows:
-        base_ms = base.get((json.dumps(row["config"], sort_keys=True), row["mode"]))
-        if base_ms and row.get("ms"):
-            row["speedup"] = base_ms / row["ms"]
+        base = fastest.get((json.dumps(row["config"], sort_keys=True), row["mode"]))
+        if base and row.get("ms"):
+            row.update(speedup=base["ms"] / row["ms"], vs=base["provider"])
     return rows
 
 
@@ -207,11 +264,12 @@ def _max_diff(a, b) -> float:
 
 
 def smoke_op(bench: OpBench, device) -> list[dict]:
-    """Forward outputs and input gradients of every provider against the baseline, in fp32."""
+    """Forward outputs and input gradients of every provider (the compiled ones run eagerly) against the
+    smoke baseline, in fp32."""
     rows = []
     for config in bench.smoke_configs:
         results = {}
-        for provider, fn in bench.providers.items():
+        for provider, fn in {**bench.providers, **bench.compiled}.items():
             torch.manual_seed(0)
             inputs = bench.make_inputs(config, device, torch.float32)
             outs = _as_tuple(fn(*inputs))
@@ -221,7 +279,7 @@ def smoke_op(bench: OpBench, device) -> list[dict]:
             if "backward" in bench.modes and differentiable:
                 torch.autograd.backward(differentiable, grads)
             results[provider] = [*outs, *(t.grad for t in _leaves(inputs))]
-        rows += _compare(bench, config, results, bench.baseline)
+        rows += _compare(bench, config, results, bench.smoke_baseline)
     return rows
 
 
@@ -266,22 +324,14 @@ def autotuners() -> list:
 
 
 def environment(device) -> dict:
+    """What a result was measured on and with. The command is the one a person typed: a child process of
+    gpu_check finds its parent's in GPT2_BENCH_COMMAND."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    here = pathlib.Path(__file__).parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=here).stdout.strip() or None
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, cwd=here).stdout.strip()
-        if commit and changed:  # what ran is not what the commit holds
-            commit += " + uncommitted changes"
-    except OSError:
-        commit = None
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -289,9 +339,26 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": " ".join(["python", *sys.argv]),
+        "commit": commit(),
+        "command": os.environ.get("GPT2_BENCH_COMMAND") or " ".join(["python", *sys.argv]),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit (+ uncommitted changes), or where there is no git checkout (a copy of the tree
+    on a lent GPU machine), the GPT2_COMMIT environment variable that the command was started with."""
+    here = pathlib.Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=here).stdout.strip() or None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here).stdout.strip()
+    except OSError:  # no git
+        sha = None
+    if sha:
+        return sha + " + uncommitted changes" if changed else sha  # what ran is not what the commit holds
+    given = os.environ.get("GPT2_COMMIT")
+    return f"{given} (GPT2_COMMIT; no git checkout to compare the files with)" if given else None
 
 
 def results_dir(device_name: str) -> pathlib.Path:
@@ -303,7 +370,14 @@ def _config_label(config: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in config.items())
 
 
+def baseline_label(baseline) -> str:
+    names = baselines(baseline)
+    return names[0] if len(names) == 1 else "fastest of " + ", ".join(names)
+
+
 def markdown_table(bench, rows) -> str:
+    """rows as a table; bench: the benchmark, or anything with its unit and baseline (smoke_baseline
+    optional). Speedups are worked out here, so that rows reported one by one can be tabled as they are."""
     if rows and rows[0]["mode"] == "smoke":
         baseline = getattr(bench, "smoke_baseline", None) or bench.baseline
         lines = ["| config | provider | max abs diff vs " + baseline + " | ok |", "|---|---|---|---|"]
@@ -311,11 +385,13 @@ def markdown_table(bench, rows) -> str:
             lines.append(f"| {_config_label(r['config'])} | {r['provider']} | {r['max_abs_diff']:.2e} | "
                          f"{'yes' if r['ok'] else 'NO'} |")
         return "\n".join(lines)
+    rows = add_speedups([dict(r) for r in rows], bench.baseline)
+    several = len(baselines(bench.baseline)) > 1  # then each speedup names the provider it is against
     ceiling = "copy" if bench.unit == "GB/s" else "matmul"
     extra = [(key, title) for key, title in (("tokens_per_s", "tokens/s"), ("of_datasheet", "% of datasheet"))
              if any(key in r for r in rows)]
     head = [f"config | mode | provider | ms | {bench.unit} | % of {ceiling}", *(t for _, t in extra), "peak MB",
-            f"vs {bench.baseline}"]
+            f"vs {baseline_label(bench.baseline)}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 5)]
     for r in rows:
         if "error" in r:
@@ -326,7 +402,8 @@ def markdown_table(bench, rows) -> str:
         for key, _ in extra:
             value = r.get(key)
             cells.append("" if value is None else f"{100 * value:.1f}" if key == "of_datasheet" else f"{value:,.0f}")
-        cells += [f"{r['peak_MB']:.0f}", f"{r['speedup']:.2f}x" if "speedup" in r else ""]
+        speedup = f"{r['speedup']:.2f}x" + (f" ({r['vs']})" if several else "") if "speedup" in r else ""
+        cells += [f"{r['peak_MB']:.0f}", speedup]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,13 +11,16 @@ import torch.distributed as dist
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# bf16 dense peak FLOP/s by GPU name, for MFU (datasheet numbers without sparsity; SXM parts)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+# bf16 dense peak FLOP/s by GPU name, for MFU (datasheet numbers without sparsity; SXM parts, unless named)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+    """The peak of the longest name in the table that device_name contains ("NVIDIA H200 NVL" is an
+    H200 NVL, not an H200)."""
+    keys = [key for key in PEAK_BF16_FLOPS if key in device_name]
+    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
 
 
 def pick_device(name: str = "auto") -> torch.device:
