@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from kernels import adamw
 from kernels.adamw import BLOCK, FusedAdamW
 
 SHAPES = [(1,), (37,), (13, 7), (64, 65), (BLOCK,)]  # BLOCK: only full blocks; 64x65: full + partial
@@ -82,6 +83,61 @@ def test_matches_torch_adamw(device):
         assert all(s.dtype == torch.float32 for s in states(opt, params, key))
     steps = [s.item() for s in states(opt, params, "step")]
     assert steps == [s.item() for s in states(ref, ref_params, "step")] and 8.0 in steps  # 37: two skipped
+
+
+@pytest.mark.parametrize("lr, weight_decay, grad_scale", [
+    (0.1, 0.5, 1.0),    # a 5% decay a step: applied to p before the Adam update, as torch does
+    (1e-2, 0.0, 1e-8),  # grads near eps: eps is added to sqrt(v) / sqrt(1 - beta2^t), not to sqrt(v)
+])
+def test_large_decay_and_tiny_grads_match_float64(lr, weight_decay, grad_scale, device):
+    """Where the order of the terms shows: a large lr * weight_decay (the decay and the update each move p
+    by a few percent), and gradients of eps's size (1e-8), where eps is a large part of the denominator and
+    the bias correction of v multiplies it (1 / sqrt(1 - 0.999) = 32 at step 1). HYPER's lr = 1e-3 and unit
+    grads hide both."""
+    params = make_params(device)
+    ref_params, ref64_params = clone_params(params), clone_params(params, torch.float64)
+    hyper = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    opt = FusedAdamW(params, **hyper)
+    ref = torch.optim.AdamW(ref_params, **hyper, foreach=False)
+    ref64 = torch.optim.AdamW(ref64_params, **hyper, foreach=False)
+    for it in range(3):
+        set_grads([params, ref_params, ref64_params], it, scale=grad_scale)
+        for optimizer in (opt, ref, ref64):
+            optimizer.step()
+    err, torch_err = max_rel_err(params, ref64_params), max_rel_err(ref_params, ref64_params)
+    assert err <= 2 * torch_err + 1e-7, f"params vs fp64: ours {err:.2e}, torch fp32 {torch_err:.2e}"
+
+
+def test_alignment_flag_covers_every_tensor(device, monkeypatch):
+    """ALIGNED promises the compiler that every address in a launch's table is a multiple of 16 bytes
+    (128-bit loads): one misaligned tensor anywhere in the table must turn it off, or the GPU faults on a
+    misaligned address; a table of aligned tensors only keeps it on. The undecayed group here has an aligned
+    row (1,) before the misaligned 37 one. The interpreter ignores the hint, so this checks the flag each
+    launch passes against its table, on the host."""
+    launches = []
+    direct = adamw.direct
+
+    def spy(kernel):
+        launcher = direct(kernel)
+
+        class Launch:
+            def __getitem__(self, grid):
+                def go(table, *args, ALIGNED, **meta):
+                    launches.append((table.cpu(), ALIGNED))
+                    return launcher[grid](table, *args, ALIGNED=ALIGNED, **meta)
+                return go
+        return Launch()
+
+    monkeypatch.setattr(adamw, "direct", spy)
+    params = make_params(device)
+    opt = FusedAdamW(groups(params), **HYPER)
+    set_grads([params], it=0)
+    opt.clip_grad_norm_(1.0)
+    opt.step()
+    aligned = [bool((table[:, :4] % 16 == 0).all()) for table, _ in launches]
+    flags = [flag for _, flag in launches]
+    assert flags == aligned, f"ALIGNED passed {flags}, tables aligned {aligned}"
+    assert True in aligned and False in aligned
 
 
 def test_state_dict_round_trip(device):

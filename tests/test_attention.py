@@ -8,6 +8,7 @@ about twice that of PyTorch's own SDPA in the same dtype, plus a small atol.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from kernels import attention, launch
 from kernels.attention import attention_ref, flash_attention
@@ -112,16 +113,23 @@ def test_every_autotuning_candidate(candidate, causal, device, monkeypatch, pois
     assert all(tuner.best_config is config for tuner, config in chosen.items())
 
 
-def test_separate_tensors_and_scale(device):
-    """Separate dense q, k, v in three layouts, a custom sm_scale, grads through .sum() (dO of stride 0)."""
-    B, H, T, D = 2, 3, 33, 32
-    q = torch.randn(B, H, T, D, device=device, requires_grad=True)
+def separate_qkv(B, H, T, D, device):
+    """Separate q, k, v whose batch, head and time strides all differ from one another's (so that one used
+    in place of another reads the wrong elements): rows of a wider (B, H, T, D + 16) tensor, a transposed
+    (B, T, H, D) one and a transposed (H, B, T, D) one."""
+    q = torch.randn(B, H, T, D + 16, device=device)[..., :D].requires_grad_()
     k = torch.randn(B, T, H, D, device=device).transpose(1, 2).requires_grad_()
     v = torch.randn(H, B, T, D, device=device).transpose(0, 1).requires_grad_()
-    y = flash_attention(q, k, v, causal=True, sm_scale=0.3)
+    return q, k, v
+
+
+def check_separate_tensors(q, k, v, causal, sm_scale, deterministic):
+    """Output and dq, dk, dv of flash_attention(q, k, v) with grads through .sum() (dO of stride 0), against
+    float64 (fp32 inputs)."""
+    y = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, deterministic=deterministic)
     y.sum().backward()
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    y64 = attention_ref(q64, k64, v64, causal=True, sm_scale=0.3)
+    y64 = attention_ref(q64, k64, v64, causal=causal, sm_scale=sm_scale)
     y64.sum().backward()
     pairs = (("out", y, y64), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad))
     for name, g, w in pairs:
@@ -129,15 +137,86 @@ def test_separate_tensors_and_scale(device):
         assert err <= 1e-5, f"{name}: max error {err:.3e}"
 
 
+@pytest.mark.parametrize("causal, deterministic", [(True, True), (False, False)])
+def test_separate_tensors_and_scale(causal, deterministic, device):
+    """Separate dense q, k, v in three layouts with strides of their own, a custom sm_scale, grads through
+    .sum() (dO of stride 0); both backward variants, causal or not."""
+    check_separate_tensors(*separate_qkv(2, 3, 33, 32, device), causal, 0.3, deterministic)
+
+
+def test_atomic_dq_is_zeroed_before_every_autotuning_trial(device, monkeypatch):
+    """Training autotunes the atomic dk/dv kernel: each trial launch adds its dq into DQ_ACC before the real
+    launch does, so the autotuner must zero DQ_ACC before every launch (reset_to_zero), or dq comes out
+    several times too large. Two candidates here; the interpreter has no timer, so the benchmark is two
+    calls of each trial (do_bench makes many) reporting equal times."""
+    tuner = attention._dkdv_dq_kernel
+    configs = [triton.Config({"BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1),
+               triton.Config({"BLOCK_N": 16, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    trials = []
+
+    def benchmark(call, quantiles):
+        trials.append(call)
+        call(), call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "cache_results", False)  # tune here, not from Triton's on-disk results
+    monkeypatch.setitem(tuner.__dict__, "do_bench", benchmark)  # do_bench is a cached_property
+    monkeypatch.setattr(launch, "_launchers", {})  # the eager path's bound kernels, chosen under other configs
+    check_separate_tensors(*separate_qkv(1, 2, 40, 32, device), True, 0.3, deterministic=False)
+    assert len(trials) == 2 and tuner.best_config in configs
+
+
+def spy_on_precision(monkeypatch):
+    """The PRECISION (of tl.dot) that every attention launch asks for, on either path (direct, traced)."""
+    seen = []
+
+    def spying(launcher):
+        class Spy:
+            def __init__(self, kernel):
+                self.launch = launcher(kernel)
+
+            def __getitem__(self, grid):
+                def go(*args, **kwargs):
+                    if "PRECISION" in kwargs:
+                        seen.append(kwargs["PRECISION"])
+                    return self.launch[grid](*args, **kwargs)
+                return go
+        return Spy
+
+    monkeypatch.setattr(attention, "direct", spying(attention.direct))
+    monkeypatch.setattr(attention, "traced", spying(attention.traced))
+    return seen
+
+
+@pytest.mark.parametrize("path", ["eager", "compile"])
+def test_fp32_asks_for_ieee_dot_products(path, device, monkeypatch):
+    """fp32 is the dtype for checking results: its dot products must be IEEE fp32, not TF32 (a 10-bit
+    mantissa, errors near 1e-3). The interpreter computes every tl.dot in fp32 whatever it is asked, so
+    this checks what each launch asks for, on the host: forward, dk/dv and dq, then forward and the atomic
+    dk/dv + dq."""
+    seen = spy_on_precision(monkeypatch)
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q, k, v = (torch.randn(1, 2, 17, 32, device=device, requires_grad=True) for _ in range(3))
+    for deterministic in (True, False):
+        flash_attention(q, k, v, deterministic=deterministic).sum().backward()
+    assert seen == ["ieee"] * 5, seen
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_very_negative_scores(causal, device):
-    """Every score near -140 (base-2 LSE near -200): a key past T, read as zero, must still get P = 0."""
+def test_very_negative_scores(causal, deterministic, device):
+    """Every score near -140 (base-2 LSE near -200): a key past T, read as zero, must still get P = 0 --
+    which the atomic backward's dq (dk^T ds over all of the key block's rows) shows where the dk/dv
+    stores skip those rows."""
     B, H, T, D = 1, 1, 17, 32
     u = torch.randn(D, device=device)
     k = (5 * u + 0.1 * torch.randn(B, H, T, D, device=device)).requires_grad_()
     q = (-5 * u.expand(B, H, T, D)).clone().requires_grad_()
     v = torch.randn(B, H, T, D, device=device, requires_grad=True)
-    got = [flash_attention(q, k, v, causal=causal)]
+    got = [flash_attention(q, k, v, causal=causal, deterministic=deterministic)]
     lowp = [sdpa(q, k, v, causal=causal)]
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     want = [attention_ref(q64, k64, v64, causal=causal)]
@@ -198,15 +277,17 @@ def test_rejects_bad_dtypes_and_devices(device):
         flash_attention(q, q, torch.empty(1, 1, 8, 32, device="meta"))
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_compile_path_runs_the_same_launches(deterministic, device, monkeypatch):
+@pytest.mark.parametrize("deterministic, causal", [(True, True), (False, False)])
+def test_compile_path_runs_the_same_launches(deterministic, causal, device, monkeypatch):
     """The custom ops torch.compile traces and the eager autograd.Function share their launchers (the
-    interpreter runs the atomic adds in one order: bitwise equal there too)."""
+    interpreter runs the atomic adds in one order: bitwise equal there too), and the forward op hands causal,
+    sm_scale and deterministic on to its backward."""
     qkv, _ = model_qkv(2, 3, 70, 32, torch.float32, device)
     do = torch.randn(2, 3, 70, 32, device=device)
-    eager = run(flash_attention, qkv, 3, do, deterministic=deterministic)
+    kwargs = dict(causal=causal, sm_scale=0.3, deterministic=deterministic)
+    eager = run(flash_attention, qkv, 3, do, **kwargs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = run(flash_attention, qkv, 3, do, deterministic=deterministic)
+    traced = run(flash_attention, qkv, 3, do, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(eager, traced))
 
 

@@ -113,16 +113,66 @@ def test_default_chunks_bound_the_logits():
     assert default_chunk_rows(16384, 50304, torch.bfloat16) == 2341
 
 
-def test_autocast_dtypes(device, poison):
-    """Under bf16 autocast: matmuls in bf16, softmax in fp32; dh in h's dtype, dW in W's fp32, loss fp32."""
+def under_autocast(fn, device_type):
+    """fn with its forward under bf16 autocast; run() calls the backward after it, as training does."""
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return fn(*args, **kwargs)
+    return forward
+
+
+@pytest.mark.parametrize("path", ["eager", "compile"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_dtypes(reduction, path, device, monkeypatch, poison):
+    """Under bf16 autocast, the forward in it and the backward after it (as training runs the head): every
+    logits chunk is bf16, the recomputed ones of the backward of "none" too, where autocast is off by then
+    (the forward must pass its compute dtype on); softmax in fp32; dh in h's dtype, dW in W's fp32, loss
+    fp32. Both paths."""
+    seen = []  # the dtype of every logits chunk the kernel is launched on
+    launch_rows = ce._launch_rows
+
+    def recorded(logits, *rest):
+        seen.append(logits.dtype)
+        return launch_rows(logits, *rest)
+
+    monkeypatch.setattr(ce, "_launch_rows", recorded)
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     h, weight, targets = make_inputs(37, 1000, 32, torch.float32, device)
-    grad = output_grad(37, "mean", device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        got = run(linear_cross_entropy, h, weight, targets, grad, chunk_rows=10)
-        same = run(torch_cross_entropy, h, weight, targets, grad)
-    ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double())
+    grad = output_grad(37, reduction, device)
+    got = run(under_autocast(linear_cross_entropy, device.type), h, weight, targets, grad, reduction=reduction,
+              chunk_rows=10)
+    chunks = 4 if reduction == "mean" else 8  # 37 rows, 10 a chunk; "none" recomputes them in its backward
+    assert seen == [torch.bfloat16] * chunks, f"the kernel saw logits chunks of {[str(d) for d in seen]}"
+    same = run(under_autocast(torch_cross_entropy, device.type), h, weight, targets, grad, reduction=reduction)
+    ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
     assert [t.dtype for t in got] == [torch.float32] * 3
     assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
+
+
+def reference_ignoring(ignore_index):
+    """gpt2.ops.torch_cross_entropy (which ignores -1) with another ignore_index."""
+    def cross_entropy(h, weight, targets, reduction="mean"):
+        logits = h @ weight.T
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    return cross_entropy
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_other_ignore_index(ignore_index, reduction, device, poison):
+    """PyTorch's default -100, and 0 (a real class: its targets are ignored too): the losses, the mean's
+    count of valid targets in the forward and in the backward, and the gradients all follow ignore_index."""
+    h, weight, targets = make_inputs(37, 97, 16, torch.float32, device)
+    targets[targets == -1] = ignore_index
+    grad = output_grad(37, reduction, device)
+    got = run(linear_cross_entropy, h, weight, targets, grad, reduction=reduction, ignore_index=ignore_index,
+              chunk_rows=10)
+    reference = reference_ignoring(ignore_index)
+    same = run(reference, h, weight, targets, grad, reduction=reduction)
+    ref = run(reference, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
+    assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.float32)
 
 
 def test_layouts(device, poison):

@@ -57,6 +57,34 @@ def test_non_contiguous(device, poison):
     check(x, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nothing_written_past_the_end(dtype, device, monkeypatch):
+    """The masked lanes of the last, partial block must neither load nor store. Each buffer the launcher
+    allocates is the front of a larger one whose guard band past the end holds a sentinel, and x and dy are
+    the fronts of larger tensors: a store past the end lands in the guard band and shows here, instead of
+    corrupting the heap, and a load past the end reads memory the test owns."""
+    n, guard, sentinel = 2 * BLOCK + 1, 64, 1234.0
+    bands = []
+
+    def guarded_empty_like(t, *, dtype=None, memory_format=None, **kwargs):
+        buffer = torch.full((t.numel() + guard,), sentinel, dtype=dtype or t.dtype, device=t.device)
+        bands.append(buffer[t.numel():])
+        return buffer[:t.numel()].view(t.shape)
+
+    monkeypatch.setattr(torch, "empty_like", guarded_empty_like)
+    x = (torch.randn(n + guard, device=device) * 3 + 0.5).to(dtype)[:n].requires_grad_()  # run() would copy
+    dy = torch.randn(n + guard, device=device).to(dtype)[:n]
+    y = gelu(x)
+    y.backward(dy)
+    assert len(bands) == 2, "the forward and the backward each allocate their output"
+    for band in bands:
+        assert (band == sentinel).all(), f"written past the end: {band[band != sentinel][:4].tolist()}"
+    same, ref = run(torch_gelu, x, dy), run(torch_gelu, x.double(), dy.double())
+    for name, g, t, r in zip(["y", "dx"], [y.detach(), x.grad], same, ref):
+        err, torch_err = (g.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + ATOL[dtype] * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
 def test_compile_path_runs_the_same_launches(device, monkeypatch):
     """The custom ops torch.compile traces and the eager autograd.Function share their launcher."""
     x = torch.randn(37, 100, device=device) * 3

@@ -114,15 +114,42 @@ def test_non_contiguous(device, poison):
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
 
-def test_mixed_dtypes(device, poison):
-    """An fp32 residual stream plus an fp16 sublayer output (autocast): the sum is fp32, as in PyTorch."""
+def spy_on_backward(monkeypatch):
+    """What every call of layernorm._backward (both paths' launcher) returned: [(dx, ddelta, dweight_dbias)]."""
+    calls = []
+    backward = layernorm._backward
+
+    def recorded(*args):
+        calls.append(backward(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(layernorm, "_backward", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["eager", "compile"])
+@pytest.mark.parametrize("x_dtype,delta_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)],
+                         ids=["fp32_x-fp16_delta", "fp16_x-fp32_delta"])
+def test_mixed_dtypes(x_dtype, delta_dtype, path, device, monkeypatch, poison):
+    """An fp32 residual stream plus an fp16 sublayer output (autocast), and the other way round: the sum has
+    the promoted dtype (fp32) whichever operand is the narrower one, as in PyTorch, and each gradient its
+    input's dtype. An fp16 delta's gradient is written by the backward kernel itself, beside dx (one 2-byte
+    write instead of a cast kernel after it: autograd's own cast would hide its absence), and is what
+    reaches delta.grad."""
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x, delta, weight, bias = make_inputs((37, 300), torch.float32, device, n=2)
-    inputs = [x, delta.detach().half().requires_grad_(), weight, bias]
+    inputs = [x.detach().to(x_dtype).requires_grad_(), delta.detach().to(delta_dtype).requires_grad_(), weight, bias]
     grads = [torch.randn(37, 300, device=device), torch.randn(37, 300, device=device)]
+    backward_calls = spy_on_backward(monkeypatch)
     got = run(add_layer_norm, inputs, grads)
     same = run(torch_add_layer_norm, inputs, grads)
     ref = run(torch_add_layer_norm, as_f64(inputs), grads)
-    assert got[3].dtype == torch.float16
+    assert [t.dtype for t in got[:4]] == [torch.float32, torch.float32, x_dtype, delta_dtype]
+    (_, kernel_ddelta, _), = backward_calls
+    if delta_dtype == torch.float16:
+        assert kernel_ddelta is not None and kernel_ddelta.dtype == torch.float16, "the kernel wrote no fp16 ddelta"
+        assert torch.equal(kernel_ddelta, got[3])
     assert_fair(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, same, ref, torch.float32)
 
 
@@ -137,21 +164,31 @@ def test_add_layer_norm_with_only_y_used(device, poison):
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
 
-def test_autocast_writes_y_in_the_matmul_dtype(device, poison):
+@pytest.mark.parametrize("path", ["eager", "compile"])
+def test_autocast_writes_y_in_the_matmul_dtype(path, device, monkeypatch, poison):
     """As the model runs it under bf16 autocast: fp32 residual x, bf16 sublayer output delta. The sum
     stays fp32; y is written once in bf16 (what the next matmul reads), equal to PyTorch's fp32
-    LayerNorm rounded to bf16; its gradient arrives in bf16."""
+    LayerNorm rounded to bf16; its gradient arrives in bf16. layer_norm alone (ln_f, or the first
+    block's ln_1 on fp32 x) writes its y in bf16 too. Both ops, on both paths: each public function
+    passes the autocast dtype to its own launcher call on each path."""
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x, delta, weight, bias = make_inputs((37, 768), torch.float32, device, n=2)
     inputs = [x, delta.detach().bfloat16().requires_grad_(), weight, bias]
     grads = [torch.randn(37, 768, device=device), torch.randn(37, 768, device=device).bfloat16()]
     with torch.autocast(device.type, dtype=torch.bfloat16):
         got = run(add_layer_norm, inputs, grads)
+        got_ln = run(layer_norm, [x, weight, bias], grads[1:])
     ref = run(torch_add_layer_norm, as_f64(inputs), [grads[0], grads[1].double()])
+    ref_ln = run(lambda x, w, b: F.layer_norm(x, (768,), w, b), as_f64([x, weight, bias]), [grads[1].double()])
     assert [t.dtype for t in got[:4]] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
-    bf16_ulp = 2.0**-7 * ref[1].abs()  # one ulp: the GPU rounds to nearest, the Triton 3.9 interpreter truncates
-    assert ((got[1].double() - ref[1]).abs() <= bf16_ulp + 1e-6).all(), "y is not fp32 LayerNorm rounded to bf16"
-    for name, g, r in zip(["x + delta", "dx", "dweight", "dbias"], [got[0], got[2], got[4], got[5]],
-                          [ref[0], ref[2], ref[4], ref[5]]):
+    assert [t.dtype for t in got_ln[:2]] == [torch.bfloat16, torch.float32]
+    for y, r in ((got[1], ref[1]), (got_ln[0], ref_ln[0])):
+        bf16_ulp = 2.0**-7 * r.abs()  # one ulp: the GPU rounds to nearest, the Triton 3.9 interpreter truncates
+        assert ((y.double() - r).abs() <= bf16_ulp + 1e-6).all(), "y is not fp32 LayerNorm rounded to bf16"
+    for name, g, r in zip(["x + delta", "dx", "dweight", "dbias", "layer_norm dx", "layer_norm dweight",
+                           "layer_norm dbias"],
+                          [got[0], got[2], got[4], got[5], *got_ln[1:]], [ref[0], ref[2], ref[4], ref[5], *ref_ln[1:]]):
         err = (g.double() - r).abs().max().item()
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
@@ -188,21 +225,24 @@ def test_no_rows(path, device, monkeypatch):
 
 def test_strided_parameters_and_inputs(device, poison):
     """Every operand a view with strides of its own: a row-strided x, a transposed delta, a weight that is
-    every other element of a longer tensor, a bias expanded from one element. (run() clones its leaves,
-    which makes a strided slice dense; here the views themselves go in.)"""
+    every other element of a longer tensor, a bias expanded from one element; and the output gradients
+    strided too: the sum's one row expanded over all rows (stride 0, as from a .sum()), y's a transposed
+    one, both views into storage of the full size, so that reading them as dense rows gives wrong values
+    rather than reads past the end. (run() clones its leaves, which makes a strided slice dense; here the
+    views themselves go in.)"""
     bases = [torch.randn(9, 260, device=device) * 2 + 1, torch.randn(200, 9, device=device) * 2 + 1,
              torch.randn(400, device=device), torch.randn(1, device=device)]
-    grads = [torch.randn(9, 200, device=device), torch.randn(9, 200, device=device)]
+    grads = [torch.randn(9, 200, device=device)[:1].expand(9, 200), torch.randn(200, 9, device=device).t()]
 
-    def outputs_and_base_grads(fn, bases):
+    def outputs_and_base_grads(fn, bases, grads):
         leaves = [b.detach().clone().requires_grad_() for b in bases]
         x, delta, weight, bias = leaves[0][:, 30:230], leaves[1].t(), leaves[2][::2], leaves[3].expand(200)
         outs = fn(x, delta, weight, bias)
-        torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+        torch.autograd.backward(outs, grads)
         return [o.detach() for o in outs] + [t.grad for t in leaves]
 
-    got = outputs_and_base_grads(add_layer_norm, bases)
-    ref = outputs_and_base_grads(torch_add_layer_norm, as_f64(bases))
+    got = outputs_and_base_grads(add_layer_norm, bases, grads)
+    ref = outputs_and_base_grads(torch_add_layer_norm, as_f64(bases), [g.double() for g in grads])
     for name, g, r in zip(["x + delta", "y", "dx", "ddelta", "dweight", "dbias"], got, ref):
         err = (g.double() - r).abs().max().item()
         assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
