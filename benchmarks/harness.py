@@ -183,15 +183,21 @@ def time_op(bench: OpBench, device, ceilings, report: Callable[[dict], None] = l
         for config in bench.configs:
             for provider, fn in providers.items():
                 for mode in bench.modes:
-                    row = {"config": config, "provider": provider, "mode": mode}
-                    try:  # a provider the machine lacks (a cuDNN backend, say) is a row with its error
-                        row.update(_time_op_mode(bench, fn, config, mode, device, ceilings))
-                        torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
-                    except Exception as err:
-                        row["error"] = _error(err)
-                    rows.append(row)
-                    report(row)
+                    _measure({"config": config, "provider": provider, "mode": mode}, rows, report,
+                             lambda: _time_op_mode(bench, fn, config, mode, device, ceilings))
     return add_speedups(rows, bench.baseline)
+
+
+def _measure(row: dict, rows: list, report, measurements: Callable[[], dict]) -> None:
+    """row with measurements() added, or the error they raised (a provider the machine lacks, a cuDNN
+    backend say): appended to rows and reported at once."""
+    try:
+        row.update(measurements())
+        torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
+    except Exception as err:
+        row["error"] = _error(err)
+    rows.append(row)
+    report(row)
 
 
 def _time_op_mode(bench: OpBench, fn, config, mode, device, ceilings) -> dict:
@@ -210,14 +216,8 @@ def time_step(bench: StepBench, device, ceilings, report: Callable[[dict], None]
     with compile_scope():
         for config in bench.configs:
             for provider, factory in bench.providers.items():
-                row = {"config": config, "provider": provider, "mode": "step"}
-                try:
-                    row.update(_time_one_step(bench, factory, config, device, ceilings))
-                    torch.cuda.empty_cache()  # in here: after a sticky CUDA error it raises too
-                except Exception as err:
-                    row["error"] = _error(err)
-                rows.append(row)
-                report(row)
+                _measure({"config": config, "provider": provider, "mode": "step"}, rows, report,
+                         lambda: _time_one_step(bench, factory, config, device, ceilings))
     return add_speedups(rows, bench.baseline)
 
 
