@@ -5,7 +5,9 @@
     python eval_hellaswag.py --model ./my_hf_dir --data hellaswag_val.jsonl --limit 500 --device cpu
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --checkpoint log/model_19072.pt --out hs.json
 
-Prints {"acc", "acc_norm", "n", "style", "model"} and writes it to --out.
+Prints {"acc", "acc_norm", "n", "cropped", "style", "model"} and writes it to --out. cropped counts the
+examples with an ending longer than the model's block_size, scored on its first block_size tokens only
+(0 for GPT-2; a line on stderr says so when it is not).
 """
 import argparse
 import dataclasses
@@ -29,7 +31,7 @@ def parse_args(argv=None) -> EvalConfig:
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="autocast dtype of the forward")
     parser.add_argument("--kernels", default="torch", help="torch, triton, or a comma list of ops (gpt2/ops.py)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (static padded shapes)")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument("--out", help="write the result as JSON to this file (checked before the evaluation)")
     args = parser.parse_args(argv)
     try:
         return EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})

@@ -152,7 +152,8 @@ def test_cli_one_rank_and_two_ranks_agree(hf_dir, data_file, tmp_path):
              "--device", "cpu", "--kernels", "torch", "--style", "harness"]
     one = eval_hellaswag.main(flags + ["--out", str(tmp_path / "one.json")])
     assert json.loads((tmp_path / "one.json").read_text()) == one
-    assert set(one) == {"acc", "acc_norm", "n", "style", "model"} and one["n"] == 9
+    assert set(one) == {"acc", "acc_norm", "n", "cropped", "style", "model"} and one["n"] == 9
+    assert one["cropped"] == 0  # n_positions 256: every ending fits
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "eval_hellaswag.py"), *flags, "--out", str(tmp_path / "two.json")]
@@ -285,3 +286,81 @@ def test_compiled_model_scores_like_eager(hf_dir, data_file):
         err = (got - want).abs().max().item()
         assert err < 1e-3, f"compiled vs eager summed log-likelihoods differ by {err:.2e}"
     assert hellaswag.evaluate(compiled, examples, device, batch_size=8) == hellaswag.evaluate(model, examples, device, batch_size=8)
+
+
+# -------------------------------------------------------------------------------------------------
+# a model whose context is shorter than some endings (README's default block_size=64 meets 350 of them)
+
+LONG = "walks inside the big old house, sits down at the kitchen table and reads the morning paper."
+
+
+def short_context_examples():
+    """Three FORCED examples; the second has an ending of about 20 tokens, longer than block_size 8."""
+    examples = [{"activity_label": a, "ctx_a": ca, "ctx_b": cb, "ctx": ca + " " + cb, "endings": list(ends),
+                 "label": label} for a, ca, cb, ends, label in FORCED[:3]]
+    examples[1]["endings"][2] = LONG
+    return examples
+
+
+@pytest.mark.parametrize("style", hellaswag.STYLES)
+def test_an_ending_longer_than_block_size_is_scored_on_its_first_tokens(style):
+    """Each row is scored from the model's full logits, one at a time: an ending cut to its first block_size
+    tokens after the last context token, the others after as much context as fits."""
+    torch.manual_seed(0)
+    block = 8
+    model = GPT(GPTConfig(block_size=block, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    examples = short_context_examples()
+    want_ll, correct, correct_norm = [], 0, 0
+    for example in examples:
+        r = hellaswag.render(example, style)
+        ll, norms = [], []
+        for ending, norm in zip(r.endings, r.norms):
+            kept = ending[:block]
+            row = r.context[-(block + 1 - len(kept)):] + kept   # at least the last context token
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([row[:-1]]))      # (1, T, V)
+            logprobs = torch.log_softmax(logits[0, :, :model.config.real_vocab_size].double(), dim=-1)
+            ll.append(logprobs[-len(kept):].gather(1, torch.tensor(kept)[:, None]).sum().item())
+            norms.append(norm * len(kept) / len(ending))          # the share of the ending scored
+        ll = torch.tensor(ll, dtype=torch.float64)
+        correct += int(ll.argmax()) == r.label
+        correct_norm += int((ll / torch.tensor(norms, dtype=torch.float64)).argmax()) == r.label
+        want_ll.append(ll)
+    assert len(hellaswag.render(examples[1], style).endings[2]) > block  # the case under test
+
+    got = hellaswag.loglikelihoods(model, [hellaswag.crop_endings(hellaswag.render(e, style), block) for e in examples],
+                                   "cpu")
+    err = (got - torch.stack(want_ll)).abs().max().item()
+    assert err < 1e-4, f"{style}: summed log-likelihoods differ from the per-row reference by up to {err:.2e}"
+    result = hellaswag.evaluate(model, examples, "cpu", style=style, batch_size=2)
+    assert (result["n"], result["cropped"]) == (3, 1)
+    assert (result["correct"], result["correct_norm"]) == (correct, correct_norm)
+
+
+def test_cli_with_a_short_context_model_reports_the_cropped_examples(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(model_dir))
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in short_context_examples()))
+    out = tmp_path / "new_folder" / "hs.json"   # a missing folder is created
+    result = eval_hellaswag.main(["--model", str(model_dir), "--data", str(data), "--device", "cpu", "--out", str(out)])
+    assert result["n"] == 3 and result["cropped"] == 1
+    assert json.loads(out.read_text()) == result
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip()) == result
+    assert "1 of 3 examples have an ending longer than the model's block_size=8" in captured.err
+
+
+@pytest.mark.parametrize("case", ["folder", "parent is a file", "not writable"])
+def test_a_bad_out_is_refused_before_the_evaluation(tmp_path, monkeypatch, capsys, case):
+    (tmp_path / "file").write_text("")
+    out = {"folder": tmp_path, "parent is a file": tmp_path / "file" / "hs.json",
+           "not writable": tmp_path / "hs.json"}[case]
+    if case == "not writable":  # simulated: root may write into any folder
+        monkeypatch.setattr(hellaswag.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(hellaswag, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before --out was checked"))
+    monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", "--model", str(tmp_path / "no_model"), "--device", "cpu",
+                                      "--out", str(out)])
+    assert eval_hellaswag.cli() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}") and err.count("\n") == 1, err
