@@ -61,6 +61,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path, *, model, optimizer, step: int, loader_states: list, train_config: dict,
                     scaler=None, periodic_done: bool = True) -> None:
+    """Write the checkpoint atomically. OSError when the write fails (a full disk): the temporary file is
+    removed and any checkpoint already at path is left as it was."""
     state = {
         "model": unwrap(model).state_dict(),
         "model_config": dataclasses.asdict(unwrap(model).config),
@@ -73,7 +75,12 @@ def save_checkpoint(path, *, model, optimizer, step: int, loader_states: list, t
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    write_atomic(path, lambda f: torch.save(state, f))
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+    except RuntimeError as err:  # torch.save reports a failed write (a full disk) as an "enforce fail"
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
 
 
 def load_checkpoint(path) -> dict:

@@ -108,6 +108,10 @@ def add_layer_norm(ops, x, delta, ln: nn.LayerNorm):
     return ops.layernorm(x, delta, ln.weight, ln.bias, ln.eps)
 
 
+class LoadError(RuntimeError):
+    """GPT.from_pretrained could not read the weights (offline, or a damaged folder); the message says why."""
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, ops: ops_module.OpSet | None = None):
         """ops: the op set, when the caller has resolved config.kernels already (see gpt2/ops.py)."""
@@ -231,7 +235,7 @@ class GPT(nn.Module):
             # the full hub id, so that transformers does not take a gpt2/ folder in the cwd for the model
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir if local else f"openai-community/{name_or_dir}")
         except OSError as err:
-            raise RuntimeError(
+            raise LoadError(
                 f"could not load {name_or_dir!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "
                 "Offline, pass a local directory written by save_pretrained instead of a hub name."
             ) from None

@@ -39,7 +39,7 @@ from gpt2.checkpoint import (check_same_shape, checkpoint_path, checkpoints, new
                              remove_stale_tmp_checkpoints, restore_rng, save_checkpoint)
 from gpt2.config import PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, validate
 from gpt2.data import ShardLoader, ensure_shakespeare
-from gpt2.model import GPT, HF_MODELS, GPTConfig
+from gpt2.model import GPT, HF_MODELS, GPTConfig, LoadError
 from gpt2.plot import read_log
 from gpt2.runtime import Distributed, all_reduce_sum, autocast, peak_bf16_flops
 from gpt2.shards import WaitStopped
@@ -156,12 +156,23 @@ def check_out_dir(cfg: TrainConfig) -> None:
     except OSError as err:
         raise TrainError(f"--out_dir {out_dir}: cannot write in {existing} ({err.strerror}); "
                          "choose a writable --out_dir") from None
-    holds_run = (out_dir / LOG_FILE).exists() or checkpoints(out_dir)
-    if holds_run and not (cfg.resume or cfg.overwrite):
+    if holds_run(out_dir) and not (cfg.resume or cfg.overwrite):
         files = [f.name for f in run_files(out_dir)]
         found = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
         raise TrainError(f"{out_dir} holds a run ({found}): continue it with --resume, train into another "
                          f"--out_dir, or pass --overwrite to delete its log, checkpoints and plot")
+
+
+def holds_run(out_dir) -> bool:
+    """out_dir holds a checkpoint, or a log.jsonl with a training step. A run that failed before its first
+    step left only its description (and maybe a step-0 evaluation): nothing to resume or to protect."""
+    log = pathlib.Path(out_dir) / LOG_FILE
+    return bool(checkpoints(out_dir)) or (log.exists() and any("loss" in r for r in read_log(out_dir)))
+
+
+def check_seed(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range; numpy's generators take no negative seed
+        raise TrainError(f"--seed must be in [0, 2**64), got {cfg.seed}")
 
 
 def check_tensorboard(cfg: TrainConfig) -> None:
@@ -174,13 +185,15 @@ class StopRequest:
     saves a checkpoint and exits (a wait for prepare_data.py's shards polls it and ends at once). A
     second signal raises KeyboardInterrupt at once, unless it comes within DUPLICATE_S of the first:
     torchrun forwards the terminal's Ctrl-C to workers that got it already (and kills them 30 s later,
-    its shutdown timeout)."""
+    its shutdown timeout). Inside `with stop.deferred():` (a checkpoint being written) the second
+    signal's KeyboardInterrupt waits for the end of the block."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     DUPLICATE_S = 1.0
 
     def __init__(self, announce: bool):
         self.signum, self.announce, self._previous, self._first = None, announce, {}, 0.0
+        self._deferring, self._deferred = False, False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
@@ -192,9 +205,25 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
 
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._deferred:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame):
         if self.signum is not None:
             if time.monotonic() - self._first < self.DUPLICATE_S:
+                return
+            if self._deferring:
+                self._deferred = True
+                if self.announce:
+                    os.write(2, f"\n{signal.Signals(signum).name}: stopping once the checkpoint is "
+                                "written\n".encode())
                 return
             raise KeyboardInterrupt
         self.signum, self._first = signum, time.monotonic()
@@ -320,7 +349,10 @@ class Run:
     def _build_model(self) -> GPT:
         cfg = self.cfg
         if cfg.init_from:
-            return GPT.from_pretrained(cfg.init_from, kernels=self.ops)
+            try:
+                return GPT.from_pretrained(cfg.init_from, kernels=self.ops)
+            except LoadError as err:
+                raise TrainError(f"--init_from {cfg.init_from}: {err}") from None
         return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd), self.ops)
 
@@ -422,10 +454,15 @@ class Run:
             torch.distributed.all_gather_object(states, state)
         path = checkpoint_path(self.out_dir, self.step)
         if self.ddp.is_main:
-            save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step,
-                            loader_states=states, train_config=dataclasses.asdict(self.cfg), scaler=self.scaler,
-                            periodic_done=periodic_done)
-            self.print(f"saved {path}")
+            with self.stop.deferred():  # a second Ctrl-C stops the run once the checkpoint is whole
+                try:
+                    save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step,
+                                    loader_states=states, train_config=dataclasses.asdict(self.cfg),
+                                    scaler=self.scaler, periodic_done=periodic_done)
+                except OSError as err:
+                    raise TrainError(f"could not save the checkpoint {path} ({err}): free space in --out_dir, "
+                                     "then continue from the newest checkpoint with --resume") from None
+                self.print(f"saved {path}")
         self.saved_at, self.checkpoint_position = self.step, state
         return path if self.ddp.is_main else None
 
@@ -437,12 +474,14 @@ class Run:
         if not self.ddp.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.cfg.overwrite:
+        if self.cfg.overwrite or not (self.cfg.resume or holds_run(self.out_dir)):
             old = run_files(self.out_dir)
             for f in old:
                 f.unlink()
-            if old:
+            if old and self.cfg.overwrite:
                 self.print(f"--overwrite: deleted the {len(old)} files of the previous run in {self.out_dir}")
+            elif old:
+                self.print(f"deleted the {len(old)} files of a run in {self.out_dir} that failed before its first step")
         stale = remove_stale_tmp_checkpoints(self.out_dir)
         if stale:
             self.print(f"removed {len(stale)} temporary files of an interrupted save ({stale[0]}, ...)")
@@ -676,6 +715,7 @@ def train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> None:
     """Check everything that needs no model, then build the run and train. TrainError: bad input;
     Interrupted: stopped on a signal, with a checkpoint."""
     validate(cfg, ddp.world_size)
+    check_seed(cfg)
     check_out_dir(cfg)
     check_tensorboard(cfg)
     try:

@@ -1,4 +1,6 @@
 """The trainer on the CPU: learning, kernels agreeing, exact resume, DDP equal to one process, errors."""
+import errno
+import io
 import json
 import os
 import signal
@@ -418,7 +420,8 @@ def test_vocab_and_block_size_must_fit_the_data_and_the_model(small_data, tmp_pa
     # a folder without meta.json says nothing of its tokens: the first batch with a larger id stops the run
     expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "c", "--vocab_size", 100,
                  match="but --vocab_size is 100: train with --vocab_size")
-    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "c", match="--overwrite")
+    # it failed before its first step: the corrected rerun is not refused
+    assert run_train("--data", small_data, "--out_dir", tmp_path / "c", "--max_steps", 1) == 0
 
 
 def test_a_val_split_of_one_token_is_refused(tmp_path, capsys):
@@ -432,3 +435,97 @@ def test_a_val_split_of_one_token_is_refused(tmp_path, capsys):
 
 def test_an_unknown_device_is_one_line(small_data, tmp_path, capsys):
     expect_error(capsys, "--data", small_data, "--out_dir", tmp_path, "--device", "foo", match="--device foo")
+
+
+# -- the audit's defects: one-line errors, a save that a full disk or a second Ctrl-C cannot break ---------
+
+def test_init_from_offline_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore lines")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
+    assert run_train("--data", small_data, "--out_dir", tmp_path / "out", "--init_from", "gpt2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --init_from gpt2: could not load 'gpt2'") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+class DiskFull(io.RawIOBase):
+    """A file whose disk fills after `room` bytes, as a real one does: OSError 28 from write()."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(small_data, tmp_path, capsys,
+                                                                                 monkeypatch):
+    args = ("--data", small_data, "--out_dir", tmp_path, "--checkpoint_interval", 1)
+    assert run_train(*args, "--max_steps", 1) == 0
+    previous = (tmp_path / "ckpt_000001.pt").read_bytes()
+    capsys.readouterr()
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, DiskFull(f, room=4096)))
+    assert run_train(*args, "--max_steps", 2, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"could not save the checkpoint {tmp_path / 'ckpt_000002.pt'}" in err and "No space left" in err, err
+    assert sorted(p.name for p in tmp_path.glob("*.pt*")) == ["ckpt_000001.pt"]  # no temporary file left
+    assert not list(tmp_path.glob(".ckpt_*"))
+    assert (tmp_path / "ckpt_000001.pt").read_bytes() == previous
+
+
+def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(small_data, tmp_path, capfd, monkeypatch):
+    import gpt2.trainer
+    from gpt2.checkpoint import load_checkpoint
+    from gpt2.trainer import StopRequest
+
+    monkeypatch.setattr(StopRequest, "DUPLICATE_S", 0.0)  # the second Ctrl-C is the user's, not torchrun's
+    train_step, save_checkpoint = Run.train_step, gpt2.trainer.save_checkpoint
+
+    def first_ctrl_c(self):
+        signal.raise_signal(signal.SIGINT)
+        return train_step(self)
+
+    def second_ctrl_c(path, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        save_checkpoint(path, **kwargs)
+
+    monkeypatch.setattr(Run, "train_step", first_ctrl_c)
+    monkeypatch.setattr(gpt2.trainer, "save_checkpoint", second_ctrl_c)
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 5) == 130
+    err = capfd.readouterr().err  # the handler writes to fd 2
+    assert "Traceback" not in err and "stopping once the checkpoint is written" in err, err
+    assert load_checkpoint(tmp_path / "ckpt_000001.pt")["step"] == 1
+    assert not list(tmp_path.glob(".ckpt_*"))
+
+
+def test_a_run_that_fails_before_its_first_step_does_not_block_the_rerun(small_data, tmp_path, capsys,
+                                                                           monkeypatch):
+    from gpt2.trainer import TrainError
+
+    out = tmp_path / "out"
+    expect_error(capsys, "--data", small_data, "--out_dir", out, "--seed", -1, match="--seed must be in [0, 2**64)")
+    assert not out.exists()
+
+    def fails(self):
+        raise TrainError("the first step failed")
+
+    monkeypatch.setattr(Run, "train_step", fails)
+    expect_error(capsys, "--data", small_data, "--out_dir", out, "--max_steps", 2, match="the first step failed")
+    assert (out / "log.jsonl").exists()
+    monkeypatch.undo()
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 2) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum("run" in r for r in records) == 1 and len(losses(out)) == 2
+    expect_error(capsys, "--data", small_data, "--out_dir", out, "--max_steps", 2, match="holds a run")
