@@ -2,7 +2,7 @@
 
     python train.py                                  # shakespeare preset: a small GPT on a CPU, no network needed
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu
-    python train.py --preset gpt2-124m --data DIR --resume          # continue the run in --out_dir
+    python train.py --out_dir out --resume                           # continue the run in out, with its flags
     python train.py --overwrite                                      # start over in an --out_dir that holds a run
     python train.py --kernels=attention,gelu                         # some ops on Triton, the rest on PyTorch
 
@@ -10,7 +10,9 @@ Every flag is a field of TrainConfig (gpt2/config.py) and overrides its preset's
 <out_dir>/log.jsonl (the run's description, then a JSON object per step and evaluation), <out_dir>/loss.png,
 <out_dir>/ckpt_<step>.pt and, with --tensorboard, <out_dir>/tensorboard/. An --out_dir that holds a run is
 refused unless --resume or --overwrite says what to do with it. Ctrl-C saves a checkpoint at the end of the
-step and exits with 130 (SIGTERM: 143); --resume continues from it.
+step and exits with 130 (SIGTERM: 143); --resume continues from it, with the flags the run was started with
+(a flag given with --resume changes that setting from there on, and is said; the model's shape, --seed
+and --sampling cannot change).
 
 The shakespeare preset trains a 4-layer GPT (7.2M parameters, most of them the embedding) for 200 steps of
 512 tokens taken at random positions of the tinyshakespeare shipped with the package, and evaluates the
@@ -25,14 +27,15 @@ import sys
 from gpt2.config import add_flags
 from gpt2.ops import KernelsError
 from gpt2.runtime import init_distributed, shutdown_distributed
-from gpt2.trainer import Interrupted, TrainConfig, TrainError, make_config, train
+from gpt2.trainer import Interrupted, TrainConfig, TrainError, make_config, resume_config, train
 
 
 def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser)  # one flag per TrainConfig field, its help from the field
     args = vars(parser.parse_args(argv))
-    return make_config(args.pop("preset"), **args)
+    given = {name for name, value in args.items() if value is not None}
+    return resume_config(make_config(args.pop("preset"), **args), given)
 
 
 def main(argv=None) -> int:

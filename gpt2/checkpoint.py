@@ -33,13 +33,14 @@ def checkpoints(out_dir) -> list[pathlib.Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_readable_checkpoint(out_dir):
+def newest_readable_checkpoint(out_dir, mmap: bool = False):
     """(path, checkpoint, [(unreadable newer path, why), ...]) of the newest checkpoint that loads, or
-    None when out_dir holds no checkpoint. ValueError when it holds some and none loads."""
+    None when out_dir holds no checkpoint. ValueError when it holds some and none loads. mmap: the
+    tensors are mapped, not read (cheap, for a look at the config)."""
     skipped = []
     for path in checkpoints(out_dir):
         try:
-            return path, load_checkpoint(path), skipped
+            return path, load_checkpoint(path, mmap), skipped
         except ValueError as err:
             skipped.append((path, str(err)))
     if skipped:
@@ -83,12 +84,12 @@ def save_checkpoint(path, *, model, optimizer, step: int, loader_states: list, t
         raise
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, mmap: bool = False) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]

@@ -2,10 +2,12 @@
 
 Every field of TrainConfig is declared once, with its type, default and help (`option(...)`): the
 command line (`add_flags`), the checks (`validate`) and the help text all follow from that declaration.
-A preset overrides some defaults; a flag on the command line overrides the preset.
+A preset overrides some defaults; a flag on the command line overrides the preset. --resume takes the
+resumed run's values instead of the preset's (resumed, below).
 """
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -104,12 +106,49 @@ PRESETS = {
 }
 
 
-def make_config(preset: str, **overrides) -> TrainConfig:
-    """The preset's config with every override that is not None applied."""
+def make_config(preset: str | None, **overrides) -> TrainConfig:
+    """The preset's config (None: the default preset) with every override that is not None applied."""
+    preset = preset or TrainConfig.preset
     if preset not in PRESETS:
         raise TrainError(f"unknown --preset {preset!r}: choose from {', '.join(PRESETS)}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(preset=preset, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: a run continues with the flags it was started with (its checkpoint's train_config), not
+# with the preset's defaults; a flag given with --resume changes that setting from the resumed step on,
+# except those the checkpoint fixes: the model, and the seed and sampling of the loader's position.
+
+NEVER_RESUMED = ("out_dir", "resume", "overwrite")
+FIXED_ON_RESUME = ("preset", "init_from", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "seed",
+                   "sampling")
+
+
+def resumed(cfg: TrainConfig, run: dict, given) -> TrainConfig:
+    """cfg with the run's value of every field whose flag is not in `given`."""
+    inherited = {f.name for f in dataclasses.fields(TrainConfig)} - {*NEVER_RESUMED, *given}
+    return dataclasses.replace(cfg, **{name: value for name, value in run.items() if name in inherited})
+
+
+def resume_changes(cfg: TrainConfig, run: dict) -> list[str]:
+    """'--flag value (the run's: --flag old)' for each setting cfg changes in the run it resumes; TrainError
+    for a change of one the checkpoint fixes."""
+    changed = [f.name for f in dataclasses.fields(cfg)
+               if f.name in run and f.name not in NEVER_RESUMED and getattr(cfg, f.name) != run[f.name]]
+    fixed = [name for name in changed if name in FIXED_ON_RESUME]
+    if fixed:
+        theirs, ours = (" ".join(flag(n, values[n]) for n in fixed) for values in (run, dataclasses.asdict(cfg)))
+        raise TrainError(f"--resume continues a run of {theirs}, not {ours}: the checkpoint fixes these, they "
+                         "cannot change; leave them out, or train into another --out_dir")
+    return [f"{flag(n, getattr(cfg, n))} (the run's: {flag(n, run[n])})" for n in changed]
+
+
+def flag(name: str, value) -> str:
+    """The command-line flag that sets field `name` to value."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {'(default)' if value is None else value}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +161,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         value, check, choices = getattr(cfg, f.name), f.metadata["check"], f.metadata["choices"]
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+            raise TrainError(f"--{f.name} must be a finite number, got {value}")
         if check == "positive" and value <= 0:
             raise TrainError(f"--{f.name} must be positive, got {value}")
         if check == "non-negative" and value < 0:
@@ -159,9 +200,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         kind = _scalar_type(f.type)
         help = f"{f.metadata['help']}{_preset_values(f.name)}"
-        if f.name == "preset":
-            parser.add_argument("--preset", default="shakespeare", choices=list(PRESETS), help=help)
-        elif kind is bool and f.default is not False:  # on by default, or by the device: --no-<field> too
+        if f.name == "preset":  # default None: --resume tells a preset given from the default one
+            parser.add_argument("--preset", choices=list(PRESETS), help=f"{help} (default: {TrainConfig.preset})")
+        elif kind is bool and f.name not in NEVER_RESUMED:  # --no-<field> too: it may undo the resumed run's
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind is bool:
             parser.add_argument(f"--{f.name}", action="store_true", default=None, help=help)

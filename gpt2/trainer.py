@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2 import ops as ops_module
 from gpt2.checkpoint import (check_same_shape, checkpoint_path, checkpoints, newest_readable_checkpoint,
                              remove_stale_tmp_checkpoints, restore_rng, save_checkpoint)
-from gpt2.config import PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, validate
+from gpt2.config import (PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, resume_changes, resumed,
+                         validate)
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, HF_MODELS, GPTConfig, LoadError
 from gpt2.plot import read_log
@@ -45,7 +46,7 @@ from gpt2.runtime import Distributed, all_reduce_sum, autocast, peak_bf16_flops
 from gpt2.shards import WaitStopped
 from gpt2.tokenizer import ENCODING_NAME, VOCAB_SIZE
 
-__all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "train"]
+__all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "resume_config", "train"]
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "loss.png", "tensorboard"
 
@@ -168,6 +169,33 @@ def holds_run(out_dir) -> bool:
     step left only its description (and maybe a step-0 evaluation): nothing to resume or to protect."""
     log = pathlib.Path(out_dir) / LOG_FILE
     return bool(checkpoints(out_dir)) or (log.exists() and any("loss" in r for r in read_log(out_dir)))
+
+
+def stored_run_config(out_dir) -> tuple[pathlib.Path, dict] | None:
+    """The newest readable checkpoint's path and training config, its tensors mapped and not read; None
+    when there is none to resume from (Run._resume says why)."""
+    try:
+        found = newest_readable_checkpoint(out_dir, mmap=True)
+    except ValueError:
+        return None
+    if found is None or not found[1].get("train_config"):
+        return None
+    return found[0], found[1]["train_config"]
+
+
+def resume_config(cfg: TrainConfig, given) -> TrainConfig:
+    """train.py's --resume: cfg with the resumed run's value of every flag not in `given` (the flags on the
+    command line), so that `--resume` alone continues a run started with other flags than the preset's."""
+    stored = stored_run_config(cfg.out_dir) if cfg.resume else None
+    return resumed(cfg, stored[1], given) if stored else cfg
+
+
+def check_resume(cfg: TrainConfig, announce: bool) -> None:
+    """A flag that changes the resumed run is said, once; one the checkpoint fixes is a TrainError."""
+    stored = stored_run_config(cfg.out_dir) if cfg.resume else None
+    changes = resume_changes(cfg, stored[1]) if stored else []
+    if changes and announce:
+        print(f"--resume from {stored[0]} with changed flags, from its step on: {', '.join(changes)}")
 
 
 def check_seed(cfg: TrainConfig) -> None:
@@ -717,6 +745,7 @@ def train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> None:
     validate(cfg, ddp.world_size)
     check_seed(cfg)
     check_out_dir(cfg)
+    check_resume(cfg, ddp.is_main)
     check_tensorboard(cfg)
     try:
         Run(cfg, ddp, device).run()

@@ -160,7 +160,7 @@ def test_errors_are_messages_not_tracebacks(shakespeare, tmp_path, capsys, monke
     assert run_train("--data", shakespeare, "--out_dir", tmp_path / "small", "--max_steps", 1,
                      "--checkpoint_interval", 1) == 0
     expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path / "small", "--resume", "--n_embd", 32,
-                 match="another shape")
+                 match="--resume continues a run of --n_embd 64, not --n_embd 32")
 
     def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -168,6 +168,19 @@ def test_errors_are_messages_not_tracebacks(shakespeare, tmp_path, capsys, monke
     monkeypatch.setattr(Run, "train_step", out_of_memory)
     expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, match="lower --batch_size")
 
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused():
+    # the net under --resume's flag check: an --init_from folder that now holds another model
+    import dataclasses
+
+    from gpt2.checkpoint import check_same_shape
+    from gpt2.model import GPTConfig
+
+    config = GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=64)
+    check_same_shape({"model_config": dataclasses.asdict(config)}, config, "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt.pt holds a model of another shape: n_embd=32 \(run: 64\)"):
+        check_same_shape({"model_config": {**dataclasses.asdict(config), "n_embd": 32}}, config, "ckpt.pt")
 
 def test_checkpoints_feed_sample_and_hellaswag(shakespeare, shared_data, tmp_path, capsys):
     import eval_hellaswag

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gpt2 import shards
+import train
 from test_train import TINY, losses, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,8 @@ BAD_FLAGS = [
     (("--eval_steps", -1), "--eval_steps must be 0 or more"),
     (("--max_steps", -5), "--max_steps must be 0 or more"),
     (("--learning_rate", 0), "--learning_rate must be positive"),
+    (("--learning_rate", "inf"), "--learning_rate must be a finite number, got inf"),
+    (("--grad_clip", "nan"), "--grad_clip must be a finite number, got nan"),
     (("--min_lr_ratio", 2), "--min_lr_ratio must be in [0, 1]"),
     (("--hellaswag_limit", 0), "--hellaswag_limit must be positive"),
     (("--resume", "--overwrite"), "give one of them"),
@@ -229,6 +232,45 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(small_data, tmp
     assert not any(tmp.exists() for tmp in stale)
     assert losses(out) == losses(tmp_path / "whole")
 
+
+
+def test_resume_alone_continues_with_the_runs_flags(small_data, tmp_path, capsys, monkeypatch):
+    # the run's flags differ from every preset default that matters: model, lr, batch, data, device
+    args = (*TINY, "--data", small_data, "--max_steps", 5, "--checkpoint_interval", 2, "--learning_rate", "2e-3")
+    assert run_train(*args, "--out_dir", tmp_path / "whole") == 0
+    from gpt2.trainer import Run
+    original = Run.train_step
+
+    def dies_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt  # no checkpoint: the resume starts from step 2's
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", dies_at_step_3)
+    cut = tmp_path / "cut"
+    assert run_train(*args, "--out_dir", cut) == 130
+    monkeypatch.setattr(Run, "train_step", original)
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(cut), "--resume"]) == 0  # no other flag
+    assert "changed flags" not in capsys.readouterr().out
+    assert losses(cut) == losses(tmp_path / "whole")  # bitwise, step for step
+
+
+def test_a_flag_given_with_resume_changes_the_run_and_says_so(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 2, "--checkpoint_interval", 2) == 0
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(out), "--resume", "--max_steps", "3", "--grad_clip", "0.5"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "changed flags" in line]
+    assert len(said) == 1 and "--max_steps 3 (the run's: --max_steps 2)" in said[0], said
+    assert "--grad_clip 0.5 (the run's: --grad_clip 1.0)" in said[0], said
+    assert len(losses(out)) == 3
+    for flags, named in [(("--seed", 7), "--seed 1337"), (("--n_layer", 3, "--sampling", "random"), "--n_layer 2"),
+                         (("--preset", "gpt2-124m"), "--preset shakespeare")]:
+        err = expect_refusal(script("train.py", "--out_dir", out, "--resume", *flags), named, "cannot", "another --out_dir")
+        assert flags[0] in err.split(", not ")[1], err
+    # a bool the run had on can be turned off
+    assert train.parse_args(["--out_dir", str(out), "--resume", "--no-compile"]).compile is False
 
 # -- item 8: sample.py's flags ---------------------------------------------------------------------
 
