@@ -75,6 +75,10 @@ def main(argv=None) -> None:
     summary = ", ".join(f"{split}: {len(done['shards'][split])} shards, {done['tokens'][split]:,} tokens"
                         for split in ("train", "val"))
     print(f"{args.out}: {summary}", file=sys.stderr)
+    if args.dataset != "shakespeare" and not done["shards"]["train"]:  # the first shard_size tokens are val
+        sys.exit(f"prepare_data.py: error: {args.out} holds no train shard: all {done['tokens']['val']:,} tokens "
+                 f"went to the val shard (--shard_size {args.shard_size:,}); prepare the text again into a new "
+                 f"--out with --shard_size {max(1, done['tokens']['val'] // 10):,}")
 
 
 if __name__ == "__main__":

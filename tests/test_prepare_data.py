@@ -268,6 +268,16 @@ def test_input_errors(tmp_path, monkeypatch):
         list(shards.iter_local_documents([parquet]))
 
 
+
+def test_text_too_short_for_a_train_shard_is_an_error_that_names_the_fix(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("A few words, far fewer than one shard of tokens.")
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["fineweb", "--input", str(text), "--out", str(tmp_path / "out"), "--no_progress"])
+    assert "holds no train shard" in str(stop.value) and "--shard_size 1" in str(stop.value), stop.value
+    assert "train: 0 shards" in capsys.readouterr().err
+    assert list((tmp_path / "out").glob("*_val_*.npy"))  # what was written stays
+
 def test_parquet_input(fineweb, tmp_path, enc):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
