@@ -105,8 +105,12 @@ def draw(records: list[dict]):
 
 
 if __name__ == "__main__":
+    usage = "usage: python -m gpt2.plot OUT_DIR  (redraws OUT_DIR/loss.png from OUT_DIR/log.jsonl)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m gpt2.plot OUT_DIR")
+        sys.exit(usage)
     try:
         print(plot_log(sys.argv[1]))
     except FileNotFoundError as err:

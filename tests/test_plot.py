@@ -44,3 +44,17 @@ def test_plot_log_writes_the_png(tmp_path):
 
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log("data/shakespeare")))
     assert plot.plot_log(tmp_path).stat().st_size > 1000
+
+
+def test_the_command_line_says_its_usage(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gpt2.plot", *args], capture_output=True, text=True, timeout=120)
+
+    helped = run("--help")
+    assert helped.returncode == 0 and "usage: python -m gpt2.plot OUT_DIR" in helped.stdout
+    assert not (tmp_path / "--help").exists()
+    missing = run(str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
