@@ -274,12 +274,17 @@ def test_streaming_producer_and_deleting_consumer(shared_data, tmp_path):
             time.sleep(0.02)
         B, T, W = 2, 64, 2
         ranks = [ShardLoader(out, "train", B, T, rank=r, world_size=W, delete_consumed=True) for r in range(W)]
+        deadline = time.monotonic() + 300
+        for loader in ranks:  # a producer that failed would leave the ranks waiting for its shards forever
+            loader.stop_waiting = lambda: producer.poll() not in (None, 0) or time.monotonic() > deadline
         consumed, most_on_disk = [], 0
         while True:
             try:
                 batches = [loader.next_batch() for loader in ranks]
             except StopIteration:
                 break
+            except shards.WaitStopped:
+                raise AssertionError(f"waited for a shard: producer exit code {producer.poll()}") from None
             most_on_disk = max(most_on_disk, shards.count_shards(out, "train"))
             consumed += [x.flatten() for x, _ in batches]
             for loader in ranks:  # the trainer: barrier, then every rank calls it; only rank 0 deletes
