@@ -156,6 +156,14 @@ class ShardLoader:
             self._total = total
         return self._total
 
+    def _windows_per_rank(self) -> int:
+        windows = -(-(self.num_tokens() - 1) // self.T)
+        return -(-windows // self.world_size)
+
+    def whole_split_batch_count(self) -> int:
+        """How many batches whole_split_batches yields."""
+        return -(-self._windows_per_rank() // self.B)
+
     def whole_split_batches(self):
         """Every token of the split once, for a validation loss that is the same at every evaluation.
 
@@ -164,8 +172,7 @@ class ShardLoader:
         which the loss ignores. Every rank yields the same number of batches.
         """
         n = self.num_tokens()
-        windows = -(-(n - 1) // self.T)
-        per_rank = -(-windows // self.world_size)
+        per_rank = self._windows_per_rank()
         for first in range(0, per_rank, self.B):
             x = torch.zeros((self.B, self.T), dtype=torch.long)   # (B, T)
             y = torch.full((self.B, self.T), -1, dtype=torch.long)  # (B, T)

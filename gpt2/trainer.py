@@ -198,6 +198,23 @@ def check_resume(cfg: TrainConfig, announce: bool) -> None:
         print(f"--resume from {stored[0]} with changed flags, from its step on: {', '.join(changes)}")
 
 
+class SlowProgress:
+    """`what: done/total batches (N s)` on rank 0 every EVERY_S seconds of work that has run that long:
+    a whole-split validation in the Triton interpreter, or of a large split, takes minutes."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, what: str, total: int, announce: bool):
+        self.what, self.total, self.announce = what, total, announce
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.announce and now - self.last >= self.EVERY_S:
+            print(f"{self.what}: {done}/{self.total} batches ({now - self.start:.0f} s)", flush=True)
+            self.last = now
+
+
 def check_seed(cfg: TrainConfig) -> None:
     if not 0 <= cfg.seed < 2**64:  # torch.manual_seed's range; numpy's generators take no negative seed
         raise TrainError(f"--seed must be in [0, 2**64), got {cfg.seed}")
@@ -556,12 +573,13 @@ class Run:
         return interval > 0 and (self.step % interval == 0 or last)
 
     def val_batches(self):
-        """The whole val split when eval_steps is 0 or would read all of it; else its first eval_steps batches."""
+        """The whole val split when eval_steps is 0 or would read all of it; else its first eval_steps batches.
+        Returns (the batches, how many)."""
         loader, steps = self.val_loader, self.cfg.eval_steps
         if steps == 0 or steps * loader.tokens_per_step >= loader.num_tokens() - 1:
-            return loader.whole_split_batches()
+            return loader.whole_split_batches(), loader.whole_split_batch_count()
         loader.reset()
-        return (loader.next_batch() for _ in range(steps))
+        return (loader.next_batch() for _ in range(steps)), steps
 
     @torch.no_grad()
     def evaluate_val_loss(self) -> float:
@@ -570,15 +588,17 @@ class Run:
         # train/eval mode does not matter; switching it would make torch.compile recompile
         model = getattr(self.model, "module", self.model)
         total = torch.zeros(2, device=self.device)  # summed token losses, tokens
-        for x, y in self.val_batches():
+        batches, count = self.val_batches()
+        progress = SlowProgress(f"step {self.step:6d} | validation", count, self.ddp.is_main)
+        for done, (x, y) in enumerate(batches, 1):
             tokens = int((y != -1).sum())
-            if tokens == 0:
-                continue
-            self.check_token_ids(x, y)
-            with autocast(self.device, self.dtype):
-                _, loss = model(x.to(self.device), y.to(self.device))  # mean over the tokens whose target is not -1
-            total[0] += loss.detach().float() * tokens
-            total[1] += tokens
+            if tokens > 0:  # a rank's last batches may hold no window
+                self.check_token_ids(x, y)
+                with autocast(self.device, self.dtype):
+                    _, loss = model(x.to(self.device), y.to(self.device))  # mean over the targets that are not -1
+                total[0] += loss.detach().float() * tokens
+                total[1] += tokens
+            progress.update(done)
         all_reduce_sum(total)
         if total[1] == 0:  # a split of 0 or 1 tokens, found only now in a folder still being written
             raise TrainError(f"the val split in {self.data_dir} has no target token: a validation loss needs at "

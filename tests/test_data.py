@@ -139,6 +139,7 @@ def test_whole_split_batches_hold_every_token_once(tmp_path, world_size):
         loader = ShardLoader(tmp_path, "val", 4, 16, rank=rank, world_size=world_size)
         batches = list(loader.whole_split_batches())
         assert len(batches) == math.ceil(math.ceil(22 / world_size) / 4)   # the same on every rank
+        assert loader.whole_split_batch_count() == len(batches)
         for x, y in batches:
             assert x.shape == y.shape == (4, 16)
             keep = y != -1

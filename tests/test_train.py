@@ -218,6 +218,23 @@ def test_whole_split_val_loss_is_the_token_weighted_mean(small_data, tmp_path):
     assert run.evaluate_val_loss() == run.evaluate_val_loss()  # the same batches every time
 
 
+def test_a_long_validation_says_how_far_it_is(small_data, tmp_path, capsys, monkeypatch):
+    from gpt2.runtime import Distributed
+    from gpt2.trainer import SlowProgress
+
+    cfg = train.parse_args([*TINY, "--data", str(small_data), "--out_dir", str(tmp_path), "--eval_interval", "1",
+                            "--eval_steps", "0"])
+    run = Run(cfg, Distributed(), torch.device("cpu"))
+    run.evaluate_val_loss()
+    assert capsys.readouterr().out == ""  # quick: nothing said
+    monkeypatch.setattr(SlowProgress, "EVERY_S", 0.0)
+    run.evaluate_val_loss()
+    lines = capsys.readouterr().out.splitlines()
+    # 1,000 tokens in windows of 32: 32 windows, 8 batches of 4
+    assert [line.split(": ")[1].split(" (")[0] for line in lines] == [f"{i}/8 batches" for i in range(1, 9)], lines
+    assert lines[0].startswith("step      0 | validation: 1/8 batches (")
+
+
 def test_presets_sample_small_data_at_random_and_fineweb_in_order():
     from gpt2.config import make_config
 
