@@ -44,8 +44,9 @@ class TrainConfig:
                                        "backward adds dq up with atomics, two of its seven matmuls fewer, and "
                                        "dq may differ run to run in the last bits (PyTorch's flash SDPA does "
                                        "the same)")
-    init_from: str | None = option(None, "fine-tune from HF weights: gpt2 | gpt2-medium | ... | a local dir",
-                                    metavar="NAME")
+    init_from: str | None = option(None, "fine-tune from HF weights: gpt2 | gpt2-medium | ... | a local dir; "
+                                          "the weights give the model's shape (no --n_layer, --n_head, --n_embd, "
+                                          "--vocab_size)", metavar="NAME")
     n_layer: int = option(12, "transformer blocks", check="positive")
     n_head: int = option(12, "attention heads; must divide --n_embd", check="positive")
     n_embd: int = option(768, "width of the residual stream", check="positive")
@@ -111,8 +112,12 @@ def make_config(preset: str | None, **overrides) -> TrainConfig:
     preset = preset or TrainConfig.preset
     if preset not in PRESETS:
         raise TrainError(f"unknown --preset {preset!r}: choose from {', '.join(PRESETS)}")
-    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return TrainConfig(preset=preset, **fields)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    ignored = [f"--{name}" for name in ("n_layer", "n_head", "n_embd", "vocab_size") if name in given]
+    if given.get("init_from") and ignored:
+        raise TrainError(f"--init_from {given['init_from']} takes the model's shape from its weights: leave out "
+                         f"{' '.join(ignored)}")
+    return TrainConfig(preset=preset, **{**PRESETS[preset], **given})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ BAD_FLAGS = [
     (("--min_lr_ratio", 2), "--min_lr_ratio must be in [0, 1]"),
     (("--hellaswag_limit", 0), "--hellaswag_limit must be positive"),
     (("--resume", "--overwrite"), "give one of them"),
+    (("--init_from", "gpt2"), "--init_from gpt2 takes the model's shape from its weights: leave out --n_layer "
+                              "--n_head --n_embd"),
     (("--delete_consumed_shards",), "--delete_consumed_shards reads the train split once, in order: "
                                     "add --sampling sequential"),
 ]
