@@ -10,9 +10,9 @@ Every flag is a field of TrainConfig (gpt2/config.py) and overrides its preset's
 <out_dir>/log.jsonl (the run's description, then a JSON object per step and evaluation), <out_dir>/loss.png,
 <out_dir>/ckpt_<step>.pt and, with --tensorboard, <out_dir>/tensorboard/. An --out_dir that holds a run is
 refused unless --resume or --overwrite says what to do with it. Ctrl-C saves a checkpoint at the end of the
-step and exits with 130 (SIGTERM: 143); --resume continues from it, with the flags the run was started with
-(a flag given with --resume changes that setting from there on, and is said; the model's shape, --seed
-and --sampling cannot change).
+step and exits with 130 (SIGTERM: 143); --resume continues from it, with the flags stored in the checkpoint
+(a flag given with --resume changes that setting from there on, and is said; the model's shape, --preset,
+--seed and --sampling cannot change; the weights come from the checkpoint, so --init_from is not needed).
 
 The shakespeare preset trains a 4-layer GPT (7.2M parameters, most of them the embedding) for 200 steps of
 512 tokens taken at random positions of the tinyshakespeare shipped with the package, and evaluates the

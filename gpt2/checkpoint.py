@@ -18,7 +18,6 @@ from gpt2.files import remove_stale_tmp_files, write_atomic
 from gpt2.model import GPT, GPTConfig
 from gpt2.ops import resolve
 
-SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 REQUIRED_KEYS = ("model", "model_config", "optimizer", "step", "loader_states", "rng")
 _NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 
@@ -96,14 +95,6 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     if missing:
         raise ValueError(f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
     return checkpoint
-
-
-def check_same_shape(checkpoint: dict, config: GPTConfig, path) -> None:
-    theirs = checkpoint["model_config"]
-    diffs = [f"{k}={theirs[k]} (run: {getattr(config, k)})" for k in SHAPE_FIELDS if theirs[k] != getattr(config, k)]
-    if diffs:
-        raise ValueError(f"{path} holds a model of another shape: {', '.join(diffs)}; "
-                         f"use a fresh --out_dir or the flags of that run")
 
 
 def restore_rng(checkpoint: dict) -> None:

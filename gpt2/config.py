@@ -8,6 +8,7 @@ resumed run's values instead of the preset's (resumed, below).
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -81,7 +82,8 @@ class TrainConfig:
     sample_prompt: str = option("Hello, I'm a language model,", "the prompt of the printed samples")
     checkpoint_interval: int = option(5000, "steps between checkpoints, and one at the end; 0 turns them off "
                                             "(Ctrl-C still saves one)", check="non-negative")
-    resume: bool = option(False, "continue the run in --out_dir from its newest readable checkpoint")
+    resume: bool = option(False, "continue the run in --out_dir from its newest readable checkpoint, with the "
+                                 "flags stored there; a flag given with it changes that setting")
     overwrite: bool = option(False, "start over in an --out_dir that holds a run: deletes that run's log, "
                                     "checkpoints, plot and TensorBoard events (no other file)")
     delete_consumed_shards: bool = option(False, "delete each train shard once every rank is done with it and "
@@ -121,13 +123,24 @@ def make_config(preset: str | None, **overrides) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# --resume: a run continues with the flags it was started with (its checkpoint's train_config), not
-# with the preset's defaults; a flag given with --resume changes that setting from the resumed step on,
-# except those the checkpoint fixes: the model, and the seed and sampling of the loader's position.
+# --resume: a run continues with the flags stored in its newest checkpoint, not with the preset's
+# defaults; a flag given with --resume changes that setting from the resumed step on, except those the
+# checkpoint fixes: the model, and the seed and sampling of the loader's position. The weights come
+# from the checkpoint, so --init_from means nothing to a resumed run.
 
-NEVER_RESUMED = ("out_dir", "resume", "overwrite")
-FIXED_ON_RESUME = ("preset", "init_from", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "seed",
-                   "sampling")
+NEVER_RESUMED = ("out_dir", "resume", "overwrite", "init_from")
+FIXED_ON_RESUME = ("preset", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "seed", "sampling")
+MODEL_SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd")   # block_size is the batches' length too
+PATH_FIELDS = ("data", "hellaswag_data")
+
+
+def run_flags(checkpoint: dict) -> dict:
+    """The flags of the run a checkpoint belongs to: its train_config, where an older version stored no
+    value its preset's, and the shape of the model it holds (an --init_from model's is not the flags')."""
+    stored = checkpoint.get("train_config") or {}
+    preset = stored.get("preset") if stored.get("preset") in PRESETS else None
+    model = checkpoint["model_config"]
+    return {**dataclasses.asdict(make_config(preset)), **stored, **{name: model[name] for name in MODEL_SHAPE}}
 
 
 def resumed(cfg: TrainConfig, run: dict, given) -> TrainConfig:
@@ -139,21 +152,34 @@ def resumed(cfg: TrainConfig, run: dict, given) -> TrainConfig:
 def resume_changes(cfg: TrainConfig, run: dict) -> list[str]:
     """'--flag value (the run's: --flag old)' for each setting cfg changes in the run it resumes; TrainError
     for a change of one the checkpoint fixes."""
-    changed = [f.name for f in dataclasses.fields(cfg)
-               if f.name in run and f.name not in NEVER_RESUMED and getattr(cfg, f.name) != run[f.name]]
+    changed = [f.name for f in dataclasses.fields(cfg) if f.name in run and f.name not in NEVER_RESUMED
+               and not _same(f.name, getattr(cfg, f.name), run[f.name])]
     fixed = [name for name in changed if name in FIXED_ON_RESUME]
     if fixed:
         theirs, ours = (" ".join(flag(n, values[n]) for n in fixed) for values in (run, dataclasses.asdict(cfg)))
-        raise TrainError(f"--resume continues a run of {theirs}, not {ours}: the checkpoint fixes these, they "
-                         "cannot change; leave them out, or train into another --out_dir")
+        raise TrainError(f"--resume continues a run of {theirs}, not {ours}, which its checkpoint fixes: leave "
+                         f"{'them' if len(fixed) > 1 else 'it'} out, or train into another --out_dir")
     return [f"{flag(n, getattr(cfg, n))} (the run's: {flag(n, run[n])})" for n in changed]
 
 
+def _same(name: str, ours, theirs) -> bool:
+    if name in PATH_FIELDS and ours is not None and theirs is not None:
+        return os.path.realpath(ours) == os.path.realpath(theirs)
+    return ours == theirs
+
+
+def absolute_paths(cfg: TrainConfig) -> dict:
+    """cfg as a dict whose folders and files are absolute, as a checkpoint stores it: a --resume from
+    another working directory finds them."""
+    return {**dataclasses.asdict(cfg), **{name: os.path.abspath(getattr(cfg, name))
+                                          for name in PATH_FIELDS if getattr(cfg, name) is not None}}
+
+
 def flag(name: str, value) -> str:
-    """The command-line flag that sets field `name` to value."""
+    """The command-line flag that sets field `name` to value (None: left to the default)."""
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
-    return f"--{name} {'(default)' if value is None else value}"
+    return f"--{name} {'unset' if value is None else value}"
 
 
 # ---------------------------------------------------------------------------------------------

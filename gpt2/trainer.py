@@ -20,7 +20,6 @@ has read it and the newest checkpoint stands past it: --resume after a crash, ev
 shard from that checkpoint on.
 """
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import math
@@ -35,10 +34,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import ops as ops_module
-from gpt2.checkpoint import (check_same_shape, checkpoint_path, checkpoints, newest_readable_checkpoint,
+from gpt2.checkpoint import (checkpoint_path, checkpoints, load_checkpoint, newest_readable_checkpoint,
                              remove_stale_tmp_checkpoints, restore_rng, save_checkpoint)
-from gpt2.config import (PRESETS, TrainConfig, TrainError, grad_accum_steps, make_config, resume_changes, resumed,
-                         validate)
+from gpt2.config import (PRESETS, TrainConfig, TrainError, absolute_paths, grad_accum_steps, make_config,
+                         resume_changes, resumed, run_flags, validate)
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, HF_MODELS, GPTConfig, LoadError
 from gpt2.plot import read_log
@@ -171,31 +170,21 @@ def holds_run(out_dir) -> bool:
     return bool(checkpoints(out_dir)) or (log.exists() and any("loss" in r for r in read_log(out_dir)))
 
 
-def stored_run_config(out_dir) -> tuple[pathlib.Path, dict] | None:
-    """The newest readable checkpoint's path and training config, its tensors mapped and not read; None
-    when there is none to resume from (Run._resume says why)."""
+def checkpoint_to_resume(out_dir, mmap: bool):
+    """(path, checkpoint, [(unreadable newer path, why), ...]) of the newest readable checkpoint, or None
+    when out_dir holds none; TrainError when it holds some and none is readable. mmap: its tensors are
+    mapped, not read (a look at its flags and model)."""
     try:
-        found = newest_readable_checkpoint(out_dir, mmap=True)
-    except ValueError:
-        return None
-    if found is None or not found[1].get("train_config"):
-        return None
-    return found[0], found[1]["train_config"]
+        return newest_readable_checkpoint(out_dir, mmap)
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 def resume_config(cfg: TrainConfig, given) -> TrainConfig:
     """train.py's --resume: cfg with the resumed run's value of every flag not in `given` (the flags on the
     command line), so that `--resume` alone continues a run started with other flags than the preset's."""
-    stored = stored_run_config(cfg.out_dir) if cfg.resume else None
-    return resumed(cfg, stored[1], given) if stored else cfg
-
-
-def check_resume(cfg: TrainConfig, announce: bool) -> None:
-    """A flag that changes the resumed run is said, once; one the checkpoint fixes is a TrainError."""
-    stored = stored_run_config(cfg.out_dir) if cfg.resume else None
-    changes = resume_changes(cfg, stored[1]) if stored else []
-    if changes and announce:
-        print(f"--resume from {stored[0]} with changed flags, from its step on: {', '.join(changes)}")
+    found = checkpoint_to_resume(cfg.out_dir, mmap=True) if cfg.resume else None
+    return resumed(cfg, run_flags(found[1]), given) if found else cfg
 
 
 class SlowProgress:
@@ -293,6 +282,7 @@ class Run:
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE
         self.stop = StopRequest(announce=ddp.is_main)
+        self.resuming = self._look_at_checkpoint() if cfg.resume else None  # (path, its model_config)
         self._open_inputs()  # before the model: a bad data folder or HellaSwag file fails in a second
         self._build_training()
         self.step = 0
@@ -347,7 +337,10 @@ class Run:
         before it is built: from the flags, or --init_from's config.json, and the data's meta.json (a folder
         without one is checked batch by batch, check_token_ids)."""
         cfg = self.cfg
-        vocab, positions = pretrained_size(cfg.init_from) if cfg.init_from else (cfg.vocab_size, None)
+        if self.resuming is not None:
+            vocab, positions = self.resuming[1]["vocab_size"], self.resuming[1]["block_size"]
+        else:
+            vocab, positions = pretrained_size(cfg.init_from) if cfg.init_from else (cfg.vocab_size, None)
         meta = self.train_loader.meta or {}
         # GPT-2 BPE shards hold ids below VOCAB_SIZE, checked against the vocabulary here, once: only other
         # folders are checked batch by batch
@@ -393,6 +386,8 @@ class Run:
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
+        if self.resuming is not None:  # its weights come from the checkpoint: no --init_from to load first
+            return GPT(GPTConfig(**self.resuming[1]), self.ops)
         if cfg.init_from:
             try:
                 return GPT.from_pretrained(cfg.init_from, kernels=self.ops)
@@ -447,22 +442,35 @@ class Run:
 
     # -- resume and checkpoints ------------------------------------------------------------------
 
-    def _resume(self):
-        try:
-            found = newest_readable_checkpoint(self.out_dir)
-        except ValueError as err:
-            raise TrainError(str(err)) from None
+    def _look_at_checkpoint(self):
+        """(path, model_config) of the checkpoint to resume from, None if there is none; its tensors are not
+        read yet. The flags this run changes in it are said, and one it cannot change is a TrainError."""
+        found = checkpoint_to_resume(self.out_dir, mmap=True)
         if found is None:
-            self.print(f"--resume: no checkpoint in {self.out_dir}, starting from step 0")
-            if self.ddp.is_main:
-                self._truncate_log(0, keep_evaluations=False)
-            return
+            return None
         path, checkpoint, skipped = found
         if skipped:
             why = skipped[0][1].splitlines()[0]
             self.print(f"{why}; resuming from the older {path}" if len(skipped) == 1 else
                        f"{len(skipped)} newer checkpoints are not readable ({why}); resuming from {path}")
-        check_same_shape(checkpoint, self.raw_model.config, path)
+        changes = resume_changes(self.cfg, run_flags(checkpoint))
+        if changes:
+            self.print(f"--resume from {path} with changed flags, from its step on: {', '.join(changes)}")
+        return path, checkpoint["model_config"]
+
+    def _resume(self):
+        if self.resuming is None:
+            started = " (the run in it saved none)" if holds_run(self.out_dir) else ""
+            self.print(f"--resume: no checkpoint in {self.out_dir}{started}, starting from step 0 with this "
+                       "command's flags")
+            if self.ddp.is_main:
+                self._truncate_log(0, keep_evaluations=False)
+            return
+        path = self.resuming[0]
+        try:
+            checkpoint = load_checkpoint(path)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler"):
@@ -479,6 +487,9 @@ class Run:
         if self.ddp.is_main:
             self._truncate_log(self.step, keep_evaluations=self.evaluated_at_resume)
         self.print(f"resumed from {path} at step {self.step}")
+        if self.step >= self.cfg.max_steps:
+            self.print(f"--max_steps is {self.cfg.max_steps}: nothing left to train (a larger --max_steps trains on, "
+                       "its learning-rate schedule stretched to the new end)")
 
     def _truncate_log(self, step: int, keep_evaluations: bool):
         """Drop the log lines of what the resumed run will do again, so the log reads as one run."""
@@ -502,7 +513,7 @@ class Run:
             with self.stop.deferred():  # a second Ctrl-C stops the run once the checkpoint is whole
                 try:
                     save_checkpoint(path, model=self.raw_model, optimizer=self.optimizer, step=self.step,
-                                    loader_states=states, train_config=dataclasses.asdict(self.cfg),
+                                    loader_states=states, train_config=absolute_paths(self.cfg),
                                     scaler=self.scaler, periodic_done=periodic_done)
                 except OSError as err:
                     raise TrainError(f"could not save the checkpoint {path} ({err}): free space in --out_dir, "
@@ -765,7 +776,6 @@ def train(cfg: TrainConfig, ddp: Distributed, device: torch.device) -> None:
     validate(cfg, ddp.world_size)
     check_seed(cfg)
     check_out_dir(cfg)
-    check_resume(cfg, ddp.is_main)
     check_tensorboard(cfg)
     try:
         Run(cfg, ddp, device).run()

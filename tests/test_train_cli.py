@@ -1,7 +1,9 @@
 """train.py, sample.py and eval_hellaswag.py as a user meets them: the first run offline, bad input
 (one line, exit 2, nothing on disk changed), a second run into the same folder, Ctrl-C, damaged files."""
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,10 +11,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from gpt2 import shards
+from gpt2.runtime import Distributed
 import train
-from test_train import TINY, losses, run_train
+from test_train import TINY, UNSHAPED, losses, run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,10 +273,80 @@ def test_a_flag_given_with_resume_changes_the_run_and_says_so(small_data, tmp_pa
     assert len(losses(out)) == 3
     for flags, named in [(("--seed", 7), "--seed 1337"), (("--n_layer", 3, "--sampling", "random"), "--n_layer 2"),
                          (("--preset", "gpt2-124m"), "--preset shakespeare")]:
-        err = expect_refusal(script("train.py", "--out_dir", out, "--resume", *flags), named, "cannot", "another --out_dir")
+        err = expect_refusal(script("train.py", "--out_dir", out, "--resume", *flags), named, "checkpoint fixes",
+                             "another --out_dir")
         assert flags[0] in err.split(", not ")[1], err
-    # a bool the run had on can be turned off
+    # a bool the run had on can be turned off; one left to the device is "unset"
     assert train.parse_args(["--out_dir", str(out), "--resume", "--no-compile"]).compile is False
+    from gpt2.trainer import Run
+    capsys.readouterr()
+    Run(train.parse_args(["--out_dir", str(out), "--resume", "--compile"]), Distributed(), torch.device("cpu"))
+    assert "--compile (the run's: --compile unset)" in capsys.readouterr().out
+
+
+def test_a_fine_tune_resumes_from_another_folder_without_its_weights(small_data, tmp_path, monkeypatch):
+    from gpt2.trainer import Run
+    from test_model import save_small_hf
+
+    started_in, resumed_in = tmp_path / "a", tmp_path / "b"
+    started_in.mkdir(), resumed_in.mkdir()
+    save_small_hf(started_in / "hf", vocab_size=50257, n_positions=64, n_embd=32)
+    (started_in / "data").symlink_to(small_data)
+    args = [*UNSHAPED, "--init_from", "hf", "--data", "data", "--max_steps", "5", "--checkpoint_interval", "2"]
+    monkeypatch.chdir(started_in)  # relative --init_from and --data
+    assert train.main([*args, "--out_dir", "whole"]) == 0
+    original = Run.train_step
+
+    def dies_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", dies_at_step_3)
+    assert train.main([*args, "--out_dir", "cut"]) == 130
+    monkeypatch.setattr(Run, "train_step", original)
+    shutil.rmtree(started_in / "hf")  # the weights are in the checkpoint
+    monkeypatch.chdir(resumed_in)
+    assert train.main(["--out_dir", str(started_in / "cut"), "--resume"]) == 0
+    assert losses(started_in / "cut") == losses(started_in / "whole")
+
+
+def test_resume_without_a_readable_checkpoint_stops_before_building(small_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 2, "--checkpoint_interval", 2) == 0
+    (out / "ckpt_000002.pt").write_bytes(b"cut short")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "is readable" in err and "--overwrite" in err, err
+    assert not (tmp_path / "data").exists()  # the preset's data was not prepared: nothing was built
+
+
+def test_resume_of_a_run_without_a_checkpoint_says_it_starts_over(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 2) == 0  # no checkpoint at all
+    capsys.readouterr()
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 3, "--resume") == 0
+    said = capsys.readouterr().out
+    assert (f"--resume: no checkpoint in {out} (the run in it saved none), starting from step 0 "
+            "with this command's flags") in said, said
+    assert len(losses(out)) == 3
+    capsys.readouterr()
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 3, "--checkpoint_interval", 3,
+                     "--overwrite") == 0
+    assert run_train("--data", small_data, "--out_dir", out, "--resume") == 0
+    assert "--max_steps is 3: nothing left to train" in capsys.readouterr().out
+
+def test_an_old_checkpoint_without_a_field_takes_its_presets_value():
+    from gpt2.config import make_config, run_flags
+
+    stored = dataclasses.asdict(make_config("gpt2-124m", data="d"))
+    del stored["eval_steps"], stored["sampling"]
+    model = {"vocab_size": 50304, "n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024}
+    flags = run_flags({"train_config": stored, "model_config": model})
+    assert flags["eval_steps"] == make_config("gpt2-124m").eval_steps != make_config("shakespeare").eval_steps
+    assert flags["sampling"] == "sequential" and flags["data"] == "d"
 
 # -- item 8: sample.py's flags ---------------------------------------------------------------------
 
