@@ -240,7 +240,7 @@ def loglikelihoods(model, rendered: list[Rendered], device, autocast_dtype: str 
 
 
 def evaluate(model, examples: list[dict], device, style: str = "completion", batch_size: int = 16,
-             rank: int = 0, world_size: int = 1, autocast_dtype: str = "float32", progress: bool = False,
+             rank: int = 0, world_size: int = 1, autocast_dtype: str = "float32", progress=False,
              pad: bool | None = None) -> dict:
     """HellaSwag accuracy of model on examples, rank taking examples[rank::world_size].
 
@@ -253,7 +253,8 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
     mode is left as it is (GPT has no dropout, and a switch would make torch.compile recompile the
     training graph).
 
-    Returns {"acc", "acc_norm", "n", "correct", "correct_norm", "cropped"} over all ranks; cropped counts
+    progress: True for a progress bar, or a function called with the examples done on this rank after each
+    batch. Returns {"acc", "acc_norm", "n", "correct", "correct_norm", "cropped"} over all ranks; cropped counts
     the examples with an ending longer than block_size, scored on its first block_size tokens only.
     """
     check_style(style)
@@ -262,7 +263,7 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
     block_size = _unwrap(model).config.block_size
     counts = torch.zeros(4, dtype=torch.long)  # n, correct, correct_norm, cropped on this rank
     bar = None
-    if progress:
+    if progress is True:
         from tqdm import tqdm
         bar = tqdm(total=len(shard), desc=f"hellaswag ({style})", unit="ex", dynamic_ncols=True)
     for start in range(0, len(shard), batch_size):
@@ -278,6 +279,8 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
         if bar is not None:
             bar.update(len(rendered))
             bar.set_postfix(acc_norm=f"{counts[2].item() / counts[0].item():.4f}")
+        elif callable(progress):
+            progress(int(counts[0]))
     if bar is not None:
         bar.close()
     n, correct, correct_norm, cropped = all_reduce_sum(counts.to(device)).tolist()

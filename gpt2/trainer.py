@@ -189,18 +189,18 @@ def resume_config(cfg: TrainConfig, given) -> TrainConfig:
 
 class SlowProgress:
     """`what: done/total batches (N s)` on rank 0 every EVERY_S seconds of work that has run that long:
-    a whole-split validation in the Triton interpreter, or of a large split, takes minutes."""
+    a whole-split validation in the Triton interpreter, or HellaSwag on a large model, takes minutes."""
 
     EVERY_S = 30.0
 
-    def __init__(self, what: str, total: int, announce: bool):
-        self.what, self.total, self.announce = what, total, announce
+    def __init__(self, what: str, total: int, announce: bool, unit: str = "batches"):
+        self.what, self.total, self.announce, self.unit = what, total, announce, unit
         self.start = self.last = time.monotonic()
 
     def update(self, done: int) -> None:
         now = time.monotonic()
         if self.announce and now - self.last >= self.EVERY_S:
-            print(f"{self.what}: {done}/{self.total} batches ({now - self.start:.0f} s)", flush=True)
+            print(f"{self.what}: {done}/{self.total} {self.unit} ({now - self.start:.0f} s)", flush=True)
             self.last = now
 
 
@@ -566,8 +566,12 @@ class Run:
 
     def log(self, record: dict):
         if self.ddp.is_main:
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full disk
+                raise TrainError(f"could not write to {self.log_path} ({err.strerror}): free space in --out_dir, "
+                                 "then continue from the newest checkpoint with --resume") from None
             if self.tensorboard is not None:
                 self._tensorboard_scalars(record)
 
@@ -619,8 +623,10 @@ class Run:
     def evaluate_hellaswag(self) -> float:
         from gpt2.hellaswag import evaluate
 
+        mine = len(self.hellaswag[self.ddp.rank::self.ddp.world_size])
+        progress = SlowProgress(f"step {self.step:6d} | hellaswag", mine, self.ddp.is_main, unit="examples")
         result = evaluate(getattr(self.model, "module", self.model), self.hellaswag, self.device, rank=self.ddp.rank,
-                          world_size=self.ddp.world_size, autocast_dtype=self.dtype)
+                          world_size=self.ddp.world_size, autocast_dtype=self.dtype, progress=progress.update)
         return result["acc_norm"]
 
     def print_samples(self):

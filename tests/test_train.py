@@ -483,6 +483,12 @@ class DiskFull(io.RawIOBase):
     def writable(self):
         return True
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
     def write(self, b):
         if len(b) > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -506,6 +512,33 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert not list(tmp_path.glob(".ckpt_*"))
     assert (tmp_path / "ckpt_000001.pt").read_bytes() == previous
 
+
+
+def test_a_full_disk_while_logging_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    import pathlib
+
+    opened = pathlib.Path.open
+
+    def full_log(path, mode="r", *args, **kwargs):
+        f = opened(path, mode, *args, **kwargs)
+        return DiskFull(f, room=0) if path.name == "log.jsonl" and mode == "a" else f
+
+    monkeypatch.setattr(pathlib.Path, "open", full_log)
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 1) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"could not write to {tmp_path / 'log.jsonl'} (No space left on device)" in err, err
+
+
+def test_hellaswag_in_the_trainer_says_how_far_it_is(small_data, tmp_path, shared_data, capsys, monkeypatch):
+    from gpt2.trainer import SlowProgress
+
+    monkeypatch.setattr(SlowProgress, "EVERY_S", 0.0)
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 1, "--hellaswag_interval", 1,
+                     "--hellaswag_limit", 20, "--hellaswag_data", shared_data / "hellaswag_val.jsonl") == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "| hellaswag:" in line]
+    assert said[0].startswith("step      0 | hellaswag: 16/20 examples (") and "20/20 examples" in said[1], said
+    assert len(said) == 4, said  # steps 0 and 1
 
 def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(small_data, tmp_path, capfd, monkeypatch):
     import gpt2.trainer
