@@ -1,4 +1,5 @@
 """The trainer on the CPU: learning, kernels agreeing, exact resume, DDP equal to one process, errors."""
+import contextlib
 import errno
 import io
 import json
@@ -45,6 +46,24 @@ def run_train(*args) -> int:
     return train.main([*TINY, *[str(a) for a in args]])
 
 
+@contextlib.contextmanager
+def stopped_at_step(step: int, error=KeyboardInterrupt):
+    """Inside the block, a run's train_step raises `error` at `step`: a Ctrl-C (or a kill) in the middle of
+    the run, between checkpoints."""
+    original = Run.train_step
+
+    def stopping(self):
+        if self.step == step:
+            raise error
+        return original(self)
+
+    Run.train_step = stopping
+    try:
+        yield
+    finally:
+        Run.train_step = original
+
+
 def test_loss_falls_on_shakespeare(shakespeare, tmp_path):
     assert run_train("--data", shakespeare, "--out_dir", tmp_path, "--max_steps", 30, "--learning_rate", "3e-3") == 0
     curve = losses(tmp_path)
@@ -66,16 +85,8 @@ def test_resume_after_interruption_repeats_the_run_exactly(shakespeare, tmp_path
             "--eval_steps", 4)
     assert run_train(*args, "--out_dir", tmp_path / "whole") == 0
 
-    original = Run.train_step
-
-    def dies_at_step_6(self):
-        if self.step == 6:
-            raise KeyboardInterrupt  # the run stops between checkpoints, in the middle of a step
-        return original(self)
-
-    monkeypatch.setattr(Run, "train_step", dies_at_step_6)
-    assert run_train(*args, "--out_dir", tmp_path / "cut") == 130
-    monkeypatch.setattr(Run, "train_step", original)
+    with stopped_at_step(6):
+        assert run_train(*args, "--out_dir", tmp_path / "cut") == 130
     checkpoint = tmp_path / "cut" / "ckpt_000004.pt"
     saved = checkpoint.stat().st_mtime_ns
     evaluated_at, evaluate = [], Run.evaluate_val_loss
@@ -322,17 +333,8 @@ def test_a_crash_between_checkpoints_with_deleted_shards_resumes_exactly(tmp_pat
     class Killed(BaseException):
         """kill -9: no handler runs, nothing is saved."""
 
-    original = Run.train_step
-
-    def killed_at_step_8(self):
-        if self.step == 8:
-            raise Killed
-        return original(self)
-
-    monkeypatch.setattr(Run, "train_step", killed_at_step_8)
-    with pytest.raises(Killed):
+    with stopped_at_step(8, Killed), pytest.raises(Killed):
         run_train("--data", data, "--out_dir", tmp_path / "cut", *args)
-    monkeypatch.setattr(Run, "train_step", original)
     # the crash came at token 1024; the checkpoint of step 6 stands at token 768, in tokens 600..899
     assert not (data / "syn_train_000002.npy").exists() and (data / "syn_train_000003.npy").exists()
     assert run_train("--data", data, "--out_dir", tmp_path / "cut", *args, "--resume") == 0

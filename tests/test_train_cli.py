@@ -16,7 +16,7 @@ import torch
 from gpt2 import shards
 from gpt2.runtime import Distributed
 import train
-from test_train import TINY, UNSHAPED, losses, run_train
+from test_train import TINY, UNSHAPED, losses, run_train, stopped_at_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,18 +244,9 @@ def test_resume_alone_continues_with_the_runs_flags(small_data, tmp_path, capsys
     # the run's flags differ from every preset default that matters: model, lr, batch, data, device
     args = (*TINY, "--data", small_data, "--max_steps", 5, "--checkpoint_interval", 2, "--learning_rate", "2e-3")
     assert run_train(*args, "--out_dir", tmp_path / "whole") == 0
-    from gpt2.trainer import Run
-    original = Run.train_step
-
-    def dies_at_step_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt  # no checkpoint: the resume starts from step 2's
-        return original(self)
-
-    monkeypatch.setattr(Run, "train_step", dies_at_step_3)
     cut = tmp_path / "cut"
-    assert run_train(*args, "--out_dir", cut) == 130
-    monkeypatch.setattr(Run, "train_step", original)
+    with stopped_at_step(3):  # no checkpoint there: the resume starts from step 2's
+        assert run_train(*args, "--out_dir", cut) == 130
     capsys.readouterr()
     assert train.main(["--out_dir", str(cut), "--resume"]) == 0  # no other flag
     assert "changed flags" not in capsys.readouterr().out
@@ -285,7 +276,6 @@ def test_a_flag_given_with_resume_changes_the_run_and_says_so(small_data, tmp_pa
 
 
 def test_a_fine_tune_resumes_from_another_folder_without_its_weights(small_data, tmp_path, monkeypatch):
-    from gpt2.trainer import Run
     from test_model import save_small_hf
 
     started_in, resumed_in = tmp_path / "a", tmp_path / "b"
@@ -295,16 +285,8 @@ def test_a_fine_tune_resumes_from_another_folder_without_its_weights(small_data,
     args = [*UNSHAPED, "--init_from", "hf", "--data", "data", "--max_steps", "5", "--checkpoint_interval", "2"]
     monkeypatch.chdir(started_in)  # relative --init_from and --data
     assert train.main([*args, "--out_dir", "whole"]) == 0
-    original = Run.train_step
-
-    def dies_at_step_3(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Run, "train_step", dies_at_step_3)
-    assert train.main([*args, "--out_dir", "cut"]) == 130
-    monkeypatch.setattr(Run, "train_step", original)
+    with stopped_at_step(3):
+        assert train.main([*args, "--out_dir", "cut"]) == 130
     shutil.rmtree(started_in / "hf")  # the weights are in the checkpoint
     monkeypatch.chdir(resumed_in)
     assert train.main(["--out_dir", str(started_in / "cut"), "--resume"]) == 0
