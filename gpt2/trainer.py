@@ -11,8 +11,9 @@ A folder that holds a run is refused unless --resume continues it or --overwrite
 first. Everything that can be checked without the model (flags, out_dir, data, HellaSwag file, that
 the model's vocabulary and positions fit them) is checked before it is built. Ctrl-C (or SIGTERM) stops
 the run at the end of the step it is in, with a checkpoint there (exit code 128 + the signal's number:
-130, 143); while the loader waits for prepare_data.py's shards, at once, saving the steps since the
-newest checkpoint if there are any. A second Ctrl-C stops at once. loss.png is redrawn after every
+130, 143); in an evaluation of a one-process run, at its next batch, with a checkpoint that evaluates
+again on resume; while the loader waits for prepare_data.py's shards, at once, saving the steps since
+the newest checkpoint if there are any. A second Ctrl-C stops at once. loss.png is redrawn after every
 evaluation and at the end of the run.
 
 With --delete_consumed_shards (and --checkpoint_interval > 0), a shard is deleted only once every rank
@@ -48,6 +49,10 @@ from gpt2.tokenizer import ENCODING_NAME, VOCAB_SIZE
 __all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "resume_config", "train"]
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "loss.png", "tensorboard"
+
+
+class EvaluationStopped(Exception):
+    """A signal during an evaluation of a one-process run: the evaluation ends at its next batch."""
 
 
 class Interrupted(Exception):
@@ -614,6 +619,7 @@ class Run:
                 total[0] += loss.detach().float() * tokens
                 total[1] += tokens
             progress.update(done)
+            self.stop_evaluation_if_signalled()
         all_reduce_sum(total)
         if total[1] == 0:  # a split of 0 or 1 tokens, found only now in a folder still being written
             raise TrainError(f"the val split in {self.data_dir} has no target token: a validation loss needs at "
@@ -625,9 +631,21 @@ class Run:
 
         mine = len(self.hellaswag[self.ddp.rank::self.ddp.world_size])
         progress = SlowProgress(f"step {self.step:6d} | hellaswag", mine, self.ddp.is_main, unit="examples")
+
+        def batch_done(examples: int):
+            progress.update(examples)
+            self.stop_evaluation_if_signalled()
+
         result = evaluate(getattr(self.model, "module", self.model), self.hellaswag, self.device, rank=self.ddp.rank,
-                          world_size=self.ddp.world_size, autocast_dtype=self.dtype, progress=progress.update)
+                          world_size=self.ddp.world_size, autocast_dtype=self.dtype, progress=batch_done)
         return result["acc_norm"]
+
+    def stop_evaluation_if_signalled(self):
+        """A one-process run stops an evaluation at a signal; the checkpoint it saves does the evaluation
+        again on resume. Under DDP the ranks would have to agree on the batch: the evaluation runs to its end
+        (a second Ctrl-C stops at once)."""
+        if not self.ddp.enabled and self.stop.signum is not None:
+            raise EvaluationStopped
 
     def print_samples(self):
         from gpt2.sampling import format_samples, sample_text
@@ -727,6 +745,8 @@ class Run:
                     self.loop()
                 except WaitStopped:  # a signal came while the loader waited for prepare_data.py
                     raise self.stopped_while_waiting() from None
+                except EvaluationStopped:
+                    raise self.stopped_during_evaluation() from None
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -734,6 +754,14 @@ class Run:
     def interrupted(self, message: str) -> Interrupted:
         """For train.py: rank 0's message, and the exit code 128 + the signal's number."""
         return Interrupted(message if self.ddp.is_main else "", 128 + (self.stop.signum or signal.SIGINT))
+
+    def stopped_during_evaluation(self) -> Interrupted:
+        """Before this step, in its evaluations: save the step (its evaluations marked not done, so that
+        --resume does them again), and stop as Ctrl-C does."""
+        self.plot()
+        done = "no step done, nothing to save" if self.step == 0 else \
+            f"saved {self.save(periodic_done=False)}; resume with --resume, which evaluates it again"
+        return self.interrupted(f"interrupted at step {self.step} during its evaluation: {done}")
 
     def stopped_while_waiting(self) -> Interrupted:
         """Between two steps, waiting for data: save the steps done since the newest checkpoint, if any,

@@ -542,6 +542,37 @@ def test_hellaswag_in_the_trainer_says_how_far_it_is(small_data, tmp_path, share
     assert said[0].startswith("step      0 | hellaswag: 16/20 examples (") and "20/20 examples" in said[1], said
     assert len(said) == 4, said  # steps 0 and 1
 
+
+def test_ctrl_c_during_an_evaluation_stops_it_and_resume_evaluates_again(small_data, tmp_path, capsys, monkeypatch):
+    from gpt2.trainer import SlowProgress
+
+    args = ("--data", small_data, "--max_steps", 4, "--eval_interval", 2, "--eval_steps", 0)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_train(*args, "--out_dir", whole) == 0
+    update = SlowProgress.update
+
+    def ctrl_c_in_validation_of(step):
+        def updating(self, done):
+            if f"step {step:6d} | validation" in self.what and done == 3:  # of 8 batches
+                signal.raise_signal(signal.SIGINT)
+            return update(self, done)
+        return updating
+
+    monkeypatch.setattr(SlowProgress, "update", ctrl_c_in_validation_of(2))
+    capsys.readouterr()
+    assert run_train(*args, "--out_dir", cut) == 130
+    err = capsys.readouterr().err
+    assert (f"interrupted at step 2 during its evaluation: saved {cut / 'ckpt_000002.pt'}; resume with --resume, "
+            "which evaluates it again") in err, err
+    assert val_losses(cut) == val_losses(whole)[:1]  # step 0's; step 2's was cut short
+    monkeypatch.setattr(SlowProgress, "update", update)
+    assert run_train(*args, "--out_dir", cut, "--resume") == 0
+    assert losses(cut) == losses(whole) and val_losses(cut) == val_losses(whole)  # bitwise
+    monkeypatch.setattr(SlowProgress, "update", ctrl_c_in_validation_of(0))
+    assert run_train(*args, "--out_dir", tmp_path / "early") == 130
+    assert "interrupted at step 0 during its evaluation: no step done, nothing to save" in capsys.readouterr().err
+    assert not list((tmp_path / "early").glob("ckpt_*"))
+
 def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(small_data, tmp_path, capfd, monkeypatch):
     import gpt2.trainer
     from gpt2.checkpoint import load_checkpoint
