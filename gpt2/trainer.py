@@ -493,8 +493,9 @@ class Run:
             self._truncate_log(self.step, keep_evaluations=self.evaluated_at_resume)
         self.print(f"resumed from {path} at step {self.step}")
         if self.step >= self.cfg.max_steps:
-            self.print(f"--max_steps is {self.cfg.max_steps}: nothing left to train (a larger --max_steps trains on, "
-                       "its learning-rate schedule stretched to the new end)")
+            left = "" if self.evaluated_at_resume else " but this step's evaluations, cut short before"
+            self.print(f"--max_steps is {self.cfg.max_steps}: nothing left to train{left} (a larger --max_steps trains "
+                       "on, its learning-rate schedule stretched to the new end)")
 
     def _truncate_log(self, step: int, keep_evaluations: bool):
         """Drop the log lines of what the resumed run will do again, so the log reads as one run."""
@@ -778,6 +779,8 @@ class Run:
         cfg = self.cfg
         while self.step < cfg.max_steps:
             self.periodic(last=False)
+            if self.compile and self.step == (self.resumed_at or 0):
+                self.print(f"step {self.step:6d} | torch.compile: this first step compiles the model, and takes longer")
             try:
                 record = self.train_step()
             except StopIteration:  # a one-pass stream (--delete_consumed_shards) has no more shards
