@@ -287,7 +287,8 @@ class Run:
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE
         self.stop = StopRequest(announce=ddp.is_main)
-        self.resuming = self._look_at_checkpoint() if cfg.resume else None  # (path, its model_config)
+        # the checkpoint --resume continues from, and the config of the model it holds (None: starting anew)
+        self.resume_path, self.resume_model = self._look_at_checkpoint() if cfg.resume else (None, None)
         self._open_inputs()  # before the model: a bad data folder or HellaSwag file fails in a second
         self._build_training()
         self.step = 0
@@ -342,8 +343,8 @@ class Run:
         before it is built: from the flags, or --init_from's config.json, and the data's meta.json (a folder
         without one is checked batch by batch, check_token_ids)."""
         cfg = self.cfg
-        if self.resuming is not None:
-            vocab, positions = self.resuming[1]["vocab_size"], self.resuming[1]["block_size"]
+        if self.resume_model is not None:
+            vocab, positions = self.resume_model["vocab_size"], self.resume_model["block_size"]
         else:
             vocab, positions = pretrained_size(cfg.init_from) if cfg.init_from else (cfg.vocab_size, None)
         meta = self.train_loader.meta or {}
@@ -391,8 +392,8 @@ class Run:
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
-        if self.resuming is not None:  # its weights come from the checkpoint: no --init_from to load first
-            return GPT(GPTConfig(**self.resuming[1]), self.ops)
+        if self.resume_model is not None:  # its weights come from the checkpoint: no --init_from to load first
+            return GPT(GPTConfig(**self.resume_model), self.ops)
         if cfg.init_from:
             try:
                 return GPT.from_pretrained(cfg.init_from, kernels=self.ops)
@@ -448,11 +449,11 @@ class Run:
     # -- resume and checkpoints ------------------------------------------------------------------
 
     def _look_at_checkpoint(self):
-        """(path, model_config) of the checkpoint to resume from, None if there is none; its tensors are not
-        read yet. The flags this run changes in it are said, and one it cannot change is a TrainError."""
+        """(path, model_config) of the checkpoint to resume from, (None, None) if there is none; its tensors
+        are not read yet. The flags this run changes in it are said, and one it cannot change is a TrainError."""
         found = checkpoint_to_resume(self.out_dir, mmap=True)
         if found is None:
-            return None
+            return None, None
         path, checkpoint, skipped = found
         if skipped:
             why = skipped[0][1].splitlines()[0]
@@ -464,14 +465,14 @@ class Run:
         return path, checkpoint["model_config"]
 
     def _resume(self):
-        if self.resuming is None:
+        if self.resume_path is None:
             started = " (the run in it saved none)" if holds_run(self.out_dir) else ""
             self.print(f"--resume: no checkpoint in {self.out_dir}{started}, starting from step 0 with this "
                        "command's flags")
             if self.ddp.is_main:
                 self._truncate_log(0, keep_evaluations=False)
             return
-        path = self.resuming[0]
+        path = self.resume_path
         try:
             checkpoint = load_checkpoint(path)
         except ValueError as err:
