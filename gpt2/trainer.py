@@ -105,8 +105,7 @@ def clip_and_step(optimizer, model, grad_clip: float, scaler) -> torch.Tensor:
     clipping), step, and clear the gradients. Returns the norm before clipping, measured either way."""
     scaler.unscale_(optimizer)
     if hasattr(optimizer, "clip_grad_norm_"):
-        # with max_norm inf the coefficient min(1, max_norm / norm) is exactly 1: the norm costs one
-        # reduction, and the update reads every gradient anyway
+        # max_norm inf measures the norm (one reduction) and clips nothing
         norm = optimizer.clip_grad_norm_(grad_clip if grad_clip > 0 else math.inf)
     elif grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

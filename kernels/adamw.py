@@ -57,6 +57,8 @@ parameters; no amsgrad, no maximize; a float lr (a CPU tensor works too, a CUDA 
 synchronise). Under the Triton 3.9 interpreter the fp32 -> bf16 store truncates instead of rounding
 to nearest even (an interpreter gap; the GPU rounds), which the bf16 test accounts for.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -138,7 +140,9 @@ def _adamw_kernel(
 
     g = tl.load(g_ptr, mask=mask).to(tl.float32)
     if CLIP:
-        g = g * tl.minimum(tl.cast(max_norm, tl.float32) / (tl.load(norm_ptr) + 1e-6), 1.0)
+        # a NaN norm makes every gradient NaN, as torch's clip does: tl.minimum would drop it by default
+        coefficient = tl.cast(max_norm, tl.float32) / (tl.load(norm_ptr) + 1e-6)
+        g = g * tl.minimum(coefficient, 1.0, propagate_nan=tl.PropagateNan.ALL)
     m = tl.load(m_ptr, mask=mask)
     v = tl.load(v_ptr, mask=mask)
     p = tl.load(p_ptr, mask=mask).to(tl.float32)
@@ -314,7 +318,9 @@ class FusedAdamW(torch.optim.Optimizer):
         """The L2 norm of all gradients, in fp32, without a host sync; the next step() clips by it.
 
         Returns the total norm before clipping, like torch.nn.utils.clip_grad_norm_. The grads are
-        left unclipped: step() scales them by min(1, max_norm / (norm + 1e-6)) as it reads them.
+        left unclipped: step() scales them by min(1, max_norm / (norm + 1e-6)) as it reads them (all
+        NaN when the norm is NaN, as torch's). max_norm=inf only measures: no clip, so that a NaN
+        gradient stays where it is, as without clipping (torch's would multiply every gradient by NaN).
         """
         all_tables = [(dtype, tables) for _, group_tables in self._group_tables()
                       for dtype, tables in group_tables.by_dtype.items()]
@@ -325,7 +331,7 @@ class FusedAdamW(torch.optim.Optimizer):
             tables.launch(_sum_squares_kernel, partials[start:], P_DTYPE=_TL_DTYPES[dtype])
             start += tables.n_blocks
         norm = partials.sum().sqrt()
-        self._pending_clip = (norm, float(max_norm))
+        self._pending_clip = (norm, float(max_norm)) if float(max_norm) != math.inf else None
         return norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -49,12 +49,12 @@ slices of one (B, T, 3C) tensor, read in place. The output and the gradients are
 memory layout (B, T, H, D) and returned as (B, H, T, D) views of it (strides (T*H*D, D, H*D, 1)), so
 the model's `y.transpose(1, 2).contiguous()` costs nothing.
 
-Design limits: self-attention only (q, k, v share B, H, T); head dim a power of two from 16 to 128;
-fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products, meant for
-checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T each,
-and for the atomic backward the fp32 dq, B*H*T*D. Block sizes are autotuned per (T rounded up to a
-power of two, D, causal, dtype): generation, where T grows by one per token, tunes once per octave of
-T, not once per token.
+Design limits: self-attention only (q, k, v share B, H, T); B * H at most 65535; head dim a power of two
+from 16 to 128; fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products,
+meant for checking); fp32 or fp16 in the Triton interpreter. Extra memory: the fp32 LSE and delta, B*H*T
+each, and for the atomic backward the fp32 dq, B*H*T*D. Block sizes are autotuned per (T rounded up to a
+power of two, D, causal, dtype): generation, where T grows by one per token, tunes once per octave of T,
+not once per token.
 """
 import inspect
 import math
@@ -71,6 +71,7 @@ __all__ = ["flash_attention"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = math.log2(math.e)
+_MAX_GRID_Y = 65535  # (batch, head) is the grid's second axis
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +472,9 @@ def _check(q, k, v):
     D = q.shape[-1]
     if D not in (16, 32, 64, 128):
         raise ValueError(f"flash_attention supports head dims 16, 32, 64, 128, got {D}")
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        raise ValueError(f"flash_attention takes at most {_MAX_GRID_Y} batch x heads (CUDA's grid limit), got "
+                         f"{q.shape[0]} x {q.shape[1]}: split the batch")
 
 
 def _forward(q, k, v, causal, sm_scale, launch):

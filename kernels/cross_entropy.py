@@ -33,7 +33,9 @@ Dtypes: the matmuls run in the compute dtype, autocast's when autocast is on (W 
 not per chunk), else h's; the softmax statistics, the losses and the dW accumulator are fp32 (each
 chunk's dz^T h is one cuBLAS matmul in the compute dtype, accumulated in fp32 inside it, added to the
 fp32 total: one rounding per chunk, where the unfused op rounds the whole dW once). dh comes back in h's
-dtype, dW in W's (the fp32 master weight); the loss is fp32.
+dtype, dW in W's (the fp32 master weight); the loss is fp32. In fp16 a chunk's dW row for token j holds
+up to (rows whose target is j) * |h|, before a GradScaler's scale: it could pass fp16's 65504 only in a
+chunk of thousands of rows with one target and |h| above about 25 (bf16 has fp32's range).
 
 Memory beyond the inputs, N rows, e bytes per element of the compute dtype: one logits chunk
 (<= CHUNK_BYTES), W and h in the compute dtype if they differ from it (V*C*e, N*C*e), 8N for the

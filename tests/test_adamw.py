@@ -194,6 +194,30 @@ def test_clip_folded_into_step(device, max_norm):
     assert max_rel_err(params, ref_params) <= 1e-6, f"step after clip: {max_rel_err(params, ref_params):.2e}"
 
 
+@pytest.mark.parametrize("max_norm", [1.0, math.inf])  # a clip; only measuring (the trainer's --grad_clip 0)
+def test_a_nan_gradient_spreads_as_in_torch(device, max_norm):
+    """One NaN gradient element makes the norm NaN. Clipping by it makes every parameter NaN, as torch's
+    clip_grad_norm_ does (a clip coefficient that dropped the NaN would let every other parameter take
+    an unclipped step); max_norm=inf measures without clipping, so the NaN stays in its own elements, as
+    in a torch step without clip_grad_norm_."""
+    params = make_params(device)
+    ref_params = clone_params(params)
+    opt = FusedAdamW(groups(params), **HYPER)
+    ref = torch.optim.AdamW(groups(ref_params), **HYPER, foreach=False)
+    set_grads([params, ref_params], it=0)
+    for p in (params[2], ref_params[2]):
+        p.grad[3, 4] = math.nan
+    assert opt.clip_grad_norm_(max_norm).isnan()
+    if max_norm != math.inf:
+        torch.nn.utils.clip_grad_norm_(ref_params, max_norm)
+    opt.step()
+    ref.step()
+    for ours, theirs in zip(params, ref_params):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.allclose(ours[~ours.isnan()], theirs[~theirs.isnan()], rtol=1e-6, atol=1e-7)
+    assert all(p.isnan().all() for p in params) == (max_norm != math.inf)
+
+
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.95)])
 def test_bias_corrections_in_fp32_are_exact_to_rounding(device, betas):
     """1 - beta^t in fp32 without cancellation: one step at t = 1, 2, 7, 1000, 10**6 against float64,

@@ -262,6 +262,9 @@ def test_rejects_bad_shapes(device):
         flash_attention(q, q, q)
     with pytest.raises(ValueError, match="one shape"):
         flash_attention(q[..., :32], q[:, :, :4, :32], q[..., :32])
+    many = torch.randn(65536, 1, 1, 16, device=device)  # B * H past the grid's second axis
+    with pytest.raises(ValueError, match="at most 65535 batch x heads .* 65536 x 1: split the batch"):
+        flash_attention(many, many, many)
 
 
 def test_rejects_bad_dtypes_and_devices(device):
