@@ -18,15 +18,23 @@ SMOOTHING = 0.9  # the smoothed train curve: an exponential moving average with 
 
 
 def read_log(out_dir) -> list[dict]:
+    """The records of out_dir/log.jsonl: every line that holds an object with a step. Other lines are
+    passed over: the last line of a run killed while writing it is cut short."""
     path = pathlib.Path(out_dir) / "log.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no log.jsonl in {out_dir}: is it a train.py --out_dir?")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a train.py log: it is not text") from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            record = json.loads(line)
+        except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
 
 
@@ -61,7 +69,10 @@ def plot_log(out_dir) -> pathlib.Path:
     """Draw out_dir/log.jsonl into out_dir/loss.png."""
     import matplotlib.pyplot as plt
 
-    fig = draw(read_log(out_dir))
+    records = read_log(out_dir)
+    if not records:
+        raise ValueError(f"{pathlib.Path(out_dir) / 'log.jsonl'} holds no train.py records: nothing to draw")
+    fig = draw(records)
     path = pathlib.Path(out_dir) / "loss.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,5 +124,5 @@ if __name__ == "__main__":
         sys.exit(usage)
     try:
         print(plot_log(sys.argv[1]))
-    except FileNotFoundError as err:
+    except (OSError, ValueError) as err:  # a missing, unreadable or unwritable file; a log with nothing in it
         sys.exit(f"error: {err}")

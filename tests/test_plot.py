@@ -58,3 +58,30 @@ def test_the_command_line_says_its_usage(tmp_path):
     assert not (tmp_path / "--help").exists()
     missing = run(str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"hello\n[1, 2]\n{\"loss\": 2.0}\n", b"\x85\xff\n", None],
+                         ids=["empty", "no-records", "binary", "a-folder"])
+def test_a_log_with_nothing_to_draw_is_a_one_line_error(tmp_path, content):
+    import subprocess
+    import sys
+
+    if content is None:
+        (tmp_path / "log.jsonl").mkdir()
+    else:
+        (tmp_path / "log.jsonl").write_bytes(content)
+    result = subprocess.run([sys.executable, "-m", "gpt2.plot", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert "log.jsonl" in result.stderr
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_lines_that_are_not_records_are_passed_over(tmp_path):
+    import json
+
+    lines = [json.dumps(r) for r in log("data/shakespeare")]
+    lines[1:1] = ["[1, 2]", '{"loss": 9.0}', '{"step": 3, "lo']  # no object, no step, cut short
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    assert plot.read_log(tmp_path) == log("data/shakespeare")
+    assert plot.plot_log(tmp_path).stat().st_size > 1000
