@@ -8,7 +8,7 @@
 With GPT-2 124M and --seed 42 expect five different, fluent continuations; a model trained for a few
 minutes on tinyshakespeare gives Shakespeare-shaped gibberish. The samples print as plain text, a line
 of dashes between them. --top_k 0 samples from every token (no top-k); a prompt longer than the model's
-block_size is cropped to its last block_size tokens, with a warning.
+block_size is cropped to its last block_size tokens (the sample shows all of it), with a warning.
 """
 import argparse
 import sys
@@ -47,14 +47,21 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="torch", help="torch | triton | a comma list of ops (see gpt2/ops.py)")
     args = parser.parse_args(argv)
     try:
-        check_sampling_args(args.num_samples, args.max_new_tokens, args.top_k, args.temperature)  # before loading
+        check_sampling_args(args.num_samples, args.max_new_tokens, args.top_k, args.temperature,
+                            args.seed)  # before loading
         device = pick_device(args.device)
         model = load(args, device)
+        if model.ops.interpreted:
+            print(f"--kernels {args.kernels}: without CUDA the Triton kernels run in the Triton interpreter "
+                  "(slow, for checking)", file=sys.stderr)
         texts = sample_text(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
                             args.temperature, args.seed, device, args.dtype)
     except (KernelsError, ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no samples", file=sys.stderr)
+        return 130
     print(format_samples(texts))
     return 0
 

@@ -11,6 +11,7 @@ anyway (a full disk, a copy cut short) is passed over by newest_readable_checkpo
 import dataclasses
 import pathlib
 import re
+import sys
 
 import torch
 
@@ -104,8 +105,16 @@ def restore_rng(checkpoint: dict) -> None:
 
 
 def load_model(path, device, kernels: str = "torch") -> GPT:
-    """The model of a checkpoint, for sampling and evaluation, with the --kernels value `kernels`."""
-    checkpoint = load_checkpoint(path)
+    """The model of a checkpoint, for sampling and evaluation, with the --kernels value `kernels`. path may
+    be a run's folder: its newest readable checkpoint."""
+    if pathlib.Path(path).is_dir():
+        newest = newest_readable_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in the folder {path}")
+        path, checkpoint, _ = newest
+        print(f"{path}: the newest readable checkpoint in the folder", file=sys.stderr)
+    else:
+        checkpoint = load_checkpoint(path)
     model = GPT(GPTConfig(**checkpoint["model_config"]), resolve(kernels, device))
     model.load_state_dict(checkpoint["model"])
     return model.to(device)

@@ -8,6 +8,7 @@ Each block is pre-norm: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)). The residua
 into the next LayerNorm (`add_layer_norm`), so that a fused kernel reads the stream once per sublayer.
 """
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -226,19 +227,31 @@ class GPT(nn.Module):
 
         # a hub name wins over a folder of the same name (this repository has a gpt2/ package)
         local = name_or_dir not in HF_MODELS and os.path.isdir(name_or_dir)
-        if local and not os.path.isfile(os.path.join(name_or_dir, "config.json")):
-            raise ValueError(f"{name_or_dir} holds no config.json: it is not a directory written by save_pretrained")
-        if not local and name_or_dir not in HF_MODELS:
-            raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(HF_MODELS)} "
-                             f"or a local directory written by save_pretrained")
+        if local:
+            _check_local_folder(name_or_dir)
+        elif name_or_dir not in HF_MODELS:
+            raise ValueError(_not_a_model(name_or_dir))
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its table of missing keys: ours below says it in a line
         try:
             # the full hub id, so that transformers does not take a gpt2/ folder in the cwd for the model
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir if local else f"openai-community/{name_or_dir}")
+            hf, loading = GPT2LMHeadModel.from_pretrained(name_or_dir if local else f"openai-community/{name_or_dir}",
+                                                          output_loading_info=True, ignore_mismatched_sizes=True)
         except OSError as err:
+            if local:
+                raise LoadError(f"could not read the weights in {name_or_dir} ({_first_line(err)})") from None
             raise LoadError(
-                f"could not load {name_or_dir!r} from the Hugging Face hub ({str(err).splitlines()[0]}). "
+                f"could not load {name_or_dir!r} from the Hugging Face hub ({_first_line(err)}). "
                 "Offline, pass a local directory written by save_pretrained instead of a hub name."
             ) from None
+        except Exception as err:  # a damaged file: safetensors', torch's or pickle's own error
+            raise LoadError(f"{name_or_dir}: its weights are damaged ({type(err).__name__}: {_first_line(err)}); "
+                            "write them again with save_pretrained") from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        _check_loading(loading, name_or_dir)
         hf_config = hf.config
         _check_hf_config(hf_config, name_or_dir)
         # real_vocab_size stays the GPT-2 BPE's 50257 (capped at vocab_size): rows past it are padding,
@@ -265,6 +278,8 @@ class GPT(nn.Module):
         logits (the padded vocabulary rows cut away)."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"{directory} is a file: save_pretrained writes a folder")
         c = self.config
         eot = EOT_TOKEN if EOT_TOKEN < c.real_vocab_size else None
         hf_config = GPT2Config(vocab_size=c.real_vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
@@ -306,6 +321,53 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         n = self.num_params(non_embedding=True)
         return 6 * n + 6 * self.config.n_layer * self.config.n_embd * T
+
+
+def _not_a_model(name: str) -> str:
+    """Why from_pretrained cannot take name, which is neither a hub name nor a folder."""
+    if os.path.isfile(name):
+        return (f"{name} is a file: from_pretrained takes a hub name or a folder written by save_pretrained "
+                f"(a train.py checkpoint goes to sample.py and eval_hellaswag.py as --checkpoint)")
+    if os.sep in name or name.startswith("."):
+        return f"no folder {name}"
+    return f"unknown model {name!r}: use one of {', '.join(HF_MODELS)} or a local directory written by save_pretrained"
+
+
+def _check_local_folder(folder: str) -> None:
+    """ValueError for a folder that holds no GPT-2 model: no config.json, or another model's."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} holds no config.json: it is not a directory written by save_pretrained")
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type", "gpt2")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable config ({err})") from None
+    if model_type != "gpt2":
+        raise ValueError(f"{folder} holds a {model_type!r} model (config.json's model_type); this loads GPT-2 only")
+
+
+def _check_loading(loading: dict, name: str) -> None:
+    """ValueError when the weights and config.json disagree: transformers fills a missing or misshapen
+    tensor with random values, and drops one the config has no place for, and carries on."""
+    def tensors(kind):  # the attention mask buffers that older transformers saved are no weights
+        return sorted(key for key in loading[kind] if not key.endswith((".attn.bias", ".attn.masked_bias")))
+
+    for kind, what in (("missing_keys", "lack {} tensors that its config.json's model has"),
+                       ("unexpected_keys", "hold {} tensors that its config.json's model has no place for")):
+        keys = tensors(kind)
+        if keys:
+            raise ValueError(f"{name}: the weights {what.format(len(keys))} ({', '.join(keys[:3])}"
+                             f"{', ...' if len(keys) > 3 else ''}): the directory is inconsistent")
+    if loading["mismatched_keys"]:
+        key, weights_shape, config_shape = sorted(loading["mismatched_keys"])[0]
+        raise ValueError(f"{name}: {key} is {tuple(weights_shape)} in the weights but {tuple(config_shape)} by "
+                         f"its config.json ({len(loading['mismatched_keys'])} tensors differ): the directory is "
+                         "inconsistent")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _check_hf_config(hf_config, name: str) -> None:

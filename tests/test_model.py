@@ -1,12 +1,13 @@
 """The model against independent references: hand-written float64 math, and Hugging Face's GPT-2."""
 import math
+import pathlib
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2 import GPT, GPTConfig
-from gpt2.model import HF_TRANSPOSED
+from gpt2.model import HF_TRANSPOSED, LoadError
 from gpt2.ops import KernelsError
 
 TINY = dict(block_size=32, vocab_size=128, n_layer=2, n_head=3, n_embd=48, real_vocab_size=100)
@@ -212,6 +213,63 @@ def test_export_round_trip_through_transformers(tmp_path):
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ValueError, match="gpt2-medium"):
         GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="no folder"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "ckpt_000010.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file: .* as --checkpoint"):
+        GPT.from_pretrained(str(tmp_path / "ckpt_000010.pt"))
+
+
+def _rewrite_weights(directory, change):
+    """The folder's model.safetensors with change(tensors) applied to its dict of tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = pathlib.Path(directory) / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_from_pretrained_refuses_weights_that_do_not_fill_the_model(tmp_path):
+    """transformers fills missing or misshapen tensors with random values and drops extra ones, with a
+    warning: from_pretrained must not hand back such a half-random model."""
+    lacking = save_small_hf(tmp_path / "lacking", n_layer=2)
+    _rewrite_weights(lacking, lambda t: [t.pop(k) for k in list(t) if k.startswith("transformer.h.1.")])
+    with pytest.raises(ValueError, match=r"the weights lack \d+ tensors .*transformer\.h\.1\..*inconsistent"):
+        GPT.from_pretrained(lacking)
+    extra = save_small_hf(tmp_path / "extra")
+    _rewrite_weights(extra, lambda t: t.update({"transformer.h.1.ln_1.weight": torch.ones(16)}))
+    with pytest.raises(ValueError, match=r"hold 1 tensors that its config.json's model has no place for"):
+        GPT.from_pretrained(extra)
+    misshapen = save_small_hf(tmp_path / "misshapen")
+    _rewrite_weights(misshapen, lambda t: t.update({"transformer.ln_f.bias": torch.ones(17)}))
+    with pytest.raises(ValueError, match=r"transformer.ln_f.bias is \(17,\) in the weights but \(16,\)"):
+        GPT.from_pretrained(misshapen)
+
+
+def test_from_pretrained_refuses_other_models_and_damaged_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 tie_word_embeddings=True)).save_pretrained(llama)
+    with pytest.raises(ValueError, match="holds a 'llama' model .* GPT-2 only"):
+        GPT.from_pretrained(str(llama))
+    damaged = save_small_hf(tmp_path / "damaged")
+    weights = pathlib.Path(damaged) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LoadError, match="its weights are damaged .* save_pretrained"):
+        GPT.from_pretrained(damaged)
+    weights.unlink()
+    with pytest.raises(LoadError, match=f"could not read the weights in {damaged}"):
+        GPT.from_pretrained(damaged)
+
+
+def test_save_pretrained_to_a_file_is_an_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file: save_pretrained writes a folder"):
+        GPT(GPTConfig(**TINY)).save_pretrained(str(tmp_path / "file"))
 
 
 def test_configure_optimizers_decays_only_matrices():

@@ -39,14 +39,25 @@ def test_top_k_0_samples_from_every_token_and_long_prompts_are_cropped(tmp_path,
     assert sample.main([*base, "--prompt", prompt]) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: the prompt has 40 tokens, more than the model's block_size: it is cropped to "
-                        "its last 16"]
-    assert captured.out.startswith(" word word") and captured.out.count("word") == 2 * 16
+    assert warnings == ["warning: the prompt has 40 tokens, more than the model's block_size: the model sees "
+                        "only its last 16"]
+    assert all(text.startswith(prompt) for text in captured.out.rstrip("\n").split("\n" + SEPARATOR + "\n"))
+
+
+def test_an_empty_prompt_starts_a_document_that_the_samples_do_not_show(tmp_path, capsys):
+    GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path))
+    assert sample.main(["--init_from", str(tmp_path), "--num_samples", "2", "--max_new_tokens", "4",
+                        "--device", "cpu", "--prompt", ""]) == 0
+    out = capsys.readouterr().out
+    assert "<|endoftext|>" not in out.split("\n")[0] and len(out.split("\n" + SEPARATOR + "\n")) == 2
 
 
 def test_bad_sampling_flags_are_errors(tmp_path, capsys):
     for flags, message in [(["--max_new_tokens", "-1"], "--max_new_tokens must be positive"),
-                           (["--top_k", "-2"], "--top_k must be 0"), (["--num_samples", "0"], "--num_samples")]:
+                           (["--top_k", "-2"], "--top_k must be 0"), (["--num_samples", "0"], "--num_samples"),
+                           (["--temperature", "nan"], "--temperature must be"),
+                           (["--temperature", "inf"], "--temperature must be"),
+                           (["--seed", str(2**64)], "--seed must lie in")]:
         assert sample.main(["--init_from", str(tmp_path), "--device", "cpu", *flags]) == 2
         assert message in capsys.readouterr().err
 
@@ -82,3 +93,42 @@ def test_a_model_with_fewer_ids_than_the_bpe_is_refused(tmp_path, capsys):
     GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path))
     assert sample.main(["--init_from", str(tmp_path), "--device", "cpu"]) == 2
     assert "has 1000 token ids, fewer than the 50257 of the GPT-2 BPE" in capsys.readouterr().err
+
+
+def save_run(folder, steps=(1,), **config):
+    """A run folder with a checkpoint of a small random model at each step."""
+    from gpt2.checkpoint import save_checkpoint
+
+    model = GPT(GPTConfig(**{"block_size": 16, "vocab_size": 50304, "n_layer": 1, "n_head": 2, "n_embd": 32,
+                             **config}))
+    for step in steps:
+        save_checkpoint(folder / f"ckpt_{step:06d}.pt", model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                        step=step, loader_states=[], train_config={})
+
+
+def test_a_run_folder_as_checkpoint_takes_its_newest(tmp_path, capsys):
+    save_run(tmp_path, steps=(1, 2))
+    flags = ["--device", "cpu", "--num_samples", "1", "--max_new_tokens", "3", "--prompt", "Hi"]
+    assert sample.main(["--checkpoint", str(tmp_path), *flags]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Hi") and "ckpt_000002.pt: the newest readable checkpoint" in captured.err
+    assert sample.main(["--checkpoint", str(tmp_path / "empty_run"), *flags]) == 2
+    (tmp_path / "empty_run").mkdir()
+    assert sample.main(["--checkpoint", str(tmp_path / "empty_run"), *flags]) == 2
+    assert "no checkpoint (ckpt_*.pt) in the folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_sampling_is_one_line(tmp_path):
+    import signal
+    import time
+
+    save_run(tmp_path, block_size=64, n_layer=2, n_embd=64)
+    cmd = [sys.executable, "sample.py", "--checkpoint", str(tmp_path), "--device", "cpu", "--num_samples", "1",
+           "--max_new_tokens", "100000", "--prompt", "Hi"]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()  # said while loading: the imports are done, main() handles the signal
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert "newest readable checkpoint" in first, first + err
+    assert process.returncode == 130 and err.strip() == "interrupted: no samples", err[-2000:]
