@@ -15,10 +15,15 @@ names the commit in the results. A 15-minute H200 slot's first command:
 
 and, if device time is left, one short second command for the sections the first skipped or did not
 finish (gpu_check.md says which), with a budget S of the device seconds left less a minute's margin,
-and a folder of its own (gpu_check.md lists one command's sections):
+and an archive of its own (a machine that went back in between starts bare, without the first's folder):
 
     GPT2_COMMIT=<sha> timeout <S + 30> python3 benchmarks/gpu_check.py --sections kernels-rest,step-B64 \
-        --budget <S> --out gpu_results2 --archive $OUT/gpu_check2.tar.gz
+        --budget <S> --out gpu_results --archive $OUT/gpu_check2.tar.gz
+
+A run into a folder that holds an earlier run's gpu_check.json adds to its report: the sections it runs
+replace theirs, the others are kept (a section skipped for time replaces nothing), each section with
+the environment (commit, date, command) it was measured in, named in gpu_check.md where it is not the
+latest run's. The device's ceilings (ceilings.json) are kept until a kernel section measures them again.
 
 (nothing to carry: the GPU tests and the step need no data files, and the children run with whichever
 Python started the check, there python3). A SIGTERM (the outer timeout's) or Ctrl-C kills the running
@@ -56,6 +61,7 @@ benchmarks/run.py does.
 """
 import argparse
 import json
+import math
 import os
 import pathlib
 import signal
@@ -255,17 +261,22 @@ CEILINGS = "ceilings.json"
 def device_ceilings(device, out_dir: pathlib.Path) -> dict:
     """The device's copy and matmul ceilings: measured by the check's first kernel benchmark, read from
     out_dir/ceilings.json by the others (each runs in a process of its own; the parent removes the file
-    when a check starts)."""
+    before the check's first kernel section, see run_sections)."""
     import harness
 
     path = out_dir / CEILINGS
     if path.exists():
         return json.loads(path.read_text())
     ceilings = harness.measure_ceilings(device)
-    partial = path.with_name(path.name + ".partial")  # never half written, should the section's time run out
-    partial.write_text(json.dumps(ceilings))
-    partial.replace(path)
+    write_whole(path, json.dumps(ceilings))
     return ceilings
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+    """text at path, written beside it, then renamed: never half written, should the time run out."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _tune_afresh(tuners) -> None:
@@ -398,9 +409,11 @@ def run_section(name, children, out_dir, smoke, timeout) -> dict:
 
 
 def markdown(env: dict, records: list) -> str:
+    """The report: the latest run's environment, then each section (one kept from an earlier run says so)."""
     lines = ["# GPU check", "", *(f"- {k}: {v}" for k, v in env.items()), ""]
     for record in records:
         lines += [f"## {record['section']}  ({record.get('seconds', '-')} s)", ""]
+        lines += earlier_run_line(record.get("environment"), env)
         if "skipped" in record:
             lines += [record["skipped"], ""]
             continue
@@ -437,6 +450,15 @@ def kernel_tables(rows) -> list:
     return lines
 
 
+def earlier_run_line(section_env, env: dict) -> list:
+    """Where a section kept from an earlier run into the same folder was measured: its date and commit,
+    and whatever else differs from the latest run's environment (the command, the device)."""
+    if not section_env or section_env == env:
+        return []
+    what = ", ".join(f"{k} {v}" for k, v in section_env.items() if k in ("date", "commit") or v != env.get(k))
+    return [f"_kept from an earlier run: {what}_", ""]
+
+
 def caches_line(row) -> str:
     caches = row.get("caches_at_start", {})
     state = ", ".join(f"{name.capitalize()}'s {'held files' if full else 'was empty'}" for name, full in caches.items())
@@ -467,11 +489,82 @@ def archive(folder: pathlib.Path, path: pathlib.Path) -> None:
     partial.replace(path)
 
 
+REPORT = "gpu_check.json"
+
+
 def write_report(out_dir: pathlib.Path, env: dict, records: list, archive_path) -> None:
-    (out_dir / "gpu_check.json").write_text(json.dumps({"environment": env, "sections": records}, indent=1))
-    (out_dir / "gpu_check.md").write_text(markdown(env, records))
+    """records (this run's and those kept from earlier ones) as gpu_check.json and .md; each section in the
+    JSON with the environment it was measured in."""
+    with_environment = [{"environment": env, **record} for record in records]  # a kept section has its own
+    write_whole(out_dir / REPORT, json.dumps({"environment": env, "sections": with_environment}, indent=1))
+    write_whole(out_dir / "gpu_check.md", markdown(env, records))
     if archive_path:
         archive(out_dir, pathlib.Path(archive_path))
+
+
+def earlier_records(out_dir: pathlib.Path, names: list) -> list:
+    """The sections an earlier run wrote into out_dir, each with the environment it was measured in: a
+    second command into the same folder adds to the first one's report instead of replacing it."""
+    path = out_dir / REPORT
+    if not path.exists():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        return [{"environment": earlier["environment"], **record} for record in earlier["sections"]
+                if record["section"] in names]  # not 'the rest', the note of a run that was stopped
+    except (ValueError, KeyError, TypeError) as err:
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)  # kept for a person to read, not merged
+        print(f"warning: {path} is not a gpu_check report ({err!r}); moved to {aside.name}, not merged",
+              file=sys.stderr)
+        return []
+
+
+def merged(earlier: list, records: list, names: list) -> list:
+    """This run's sections and the earlier ones it has no record of, in the sections' order ('the rest'
+    last). A section this run only skipped (out of time, nothing to run) replaces no earlier measurement."""
+    mine = {r["section"]: r for r in records}
+
+    def keep(old) -> bool:
+        new = mine.get(old["section"])
+        return new is None or ("skipped" in new and "skipped" not in old)
+
+    kept = [r for r in earlier if keep(r)]
+    replaced = {r["section"] for r in kept}
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(kept + [r for r in records if r["section"] not in replaced],
+                  key=lambda r: order.get(r["section"], len(order)))
+
+
+def seconds(text: str) -> float:
+    """--budget: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def path_problem(out_dir: pathlib.Path, archive_path) -> str | None:
+    """Why the results could not be written, found before the first section runs rather than after it;
+    None when the archive's folder exists and is writable and out_dir is (now) a writable folder."""
+    if archive_path:
+        target = pathlib.Path(archive_path)
+        if target.is_dir():
+            return f"--archive {target}: is a folder; name a .tar.gz file"
+        if not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
+            return f"--archive {target}: its folder {target.parent} is missing or not writable; create it or name another"
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"--out {out_dir}: is a file; name a folder, existing or new"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out_dir}: cannot create it ({err.strerror}); name a folder, existing or new"
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        return f"--out {out_dir}: not writable; name a folder this user can write"
+    return None
 
 
 def main(argv=None) -> int:
@@ -481,8 +574,9 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter), for CI")
-    parser.add_argument("--budget", type=float, default=420, help="seconds for all sections together")
-    parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>)")
+    parser.add_argument("--budget", type=seconds, default=420, help="seconds for all sections together")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>); an earlier run's "
+                                      "sections there are kept unless this run measures them again")
     parser.add_argument("--sections", help=f"comma list of the sections to run, in their order (default all: "
                                            f"{','.join(name for name, *_ in sections(False))})")
     parser.add_argument("--archive", help="a .tar.gz of the results folder, rewritten after every section")
@@ -504,24 +598,30 @@ def main(argv=None) -> int:
     device = _device(args.smoke)
     env = harness.environment(device)
     out_dir = pathlib.Path(args.out) if args.out else harness.results_dir(env["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CEILINGS).unlink(missing_ok=True)  # measured again by this check's first kernel benchmark
+    problem = path_problem(out_dir, args.archive)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    earlier = earlier_records(out_dir, names)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop)
     records = []
     try:
-        run_sections(args, chosen, out_dir, env, records)
+        run_sections(args, chosen, out_dir, env, records, earlier)
     except Stopped as stop:  # between two sections
         records.append({"section": "the rest", "skipped": f"not run: the check was stopped by {stop}"})
-    write_report(out_dir, env, records, args.archive)
+    write_report(out_dir, env, merged(earlier, records, names), args.archive)
     print((out_dir / "gpu_check.md").read_text())
-    failed = [r["section"] for r in records if "error" in r or "stopped" in r]
+    failed = [r["section"] for r in records if "error" in r or "stopped" in r]  # this run's
     return 1 if failed else 0
 
 
-def run_sections(args, chosen, out_dir, env, records) -> None:
-    """The chosen sections in their order under args.budget, each appended to records as it ends."""
+def run_sections(args, chosen, out_dir, env, records, earlier=()) -> None:
+    """The chosen sections in their order under args.budget, each appended to records as it ends, and the
+    report (with the earlier run's sections this one does not replace) written after each."""
+    names = [name for name, *_ in sections(args.smoke)]
     deadline = time.perf_counter() + args.budget
+    ceilings_fresh = False  # an earlier run's ceilings.json is kept until this run can measure them again
     for name, estimate, most, children in sections(args.smoke):
         if name not in chosen:
             continue
@@ -533,9 +633,12 @@ def run_sections(args, chosen, out_dir, env, records) -> None:
             records.append({"section": name, "skipped": f"skipped: {left:.0f} s left, it takes about {estimate} s"})
         else:
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+            if not (args.smoke or ceilings_fresh) and any(child_args[0] == "kernel" for child_args in children):
+                (out_dir / CEILINGS).unlink(missing_ok=True)  # this section's first benchmark measures them
+                ceilings_fresh = True
             timeout = None if args.smoke else min(left, most)
             records.append(run_section(name, children, out_dir, args.smoke, timeout))
-        write_report(out_dir, env, records, args.archive)
+        write_report(out_dir, env, merged(earlier, records, names), args.archive)
         if "stopped" in records[-1]:
             return
 

@@ -60,6 +60,7 @@ class OpBench:
     dtype: torch.dtype = torch.bfloat16
     smoke_tol: float = 1e-3                # max abs difference allowed in smoke mode (fp32)
     smoke_baseline: str = "torch"          # the provider the smoke pass compares the others with
+    cuda_only: tuple = ()                  # providers the smoke pass on a CPU lists as n/a (CUDA only)
 
 
 @dataclass
@@ -265,11 +266,14 @@ def _max_diff(a, b) -> float:
 
 def smoke_op(bench: OpBench, device) -> list[dict]:
     """Forward outputs and input gradients of every provider (the compiled ones run eagerly) against the
-    smoke baseline, in fp32."""
+    smoke baseline, in fp32; off CUDA, a row without "ok" for each CUDA-only provider, which did not run."""
+    absent = bench.cuda_only if device.type != "cuda" else ()
     rows = []
     for config in bench.smoke_configs:
         results = {}
         for provider, fn in {**bench.providers, **bench.compiled}.items():
+            if provider in absent:
+                continue
             torch.manual_seed(0)
             inputs = bench.make_inputs(config, device, torch.float32)
             outs = _as_tuple(fn(*inputs))
@@ -280,6 +284,7 @@ def smoke_op(bench: OpBench, device) -> list[dict]:
                 torch.autograd.backward(differentiable, grads)
             results[provider] = [*outs, *(t.grad for t in _leaves(inputs))]
         rows += _compare(bench, config, results, bench.smoke_baseline)
+        rows += [{"config": config, "provider": provider, "mode": "smoke", "not_run": "CUDA only"} for provider in absent]
     return rows
 
 
@@ -382,6 +387,9 @@ def markdown_table(bench, rows) -> str:
         baseline = getattr(bench, "smoke_baseline", None) or bench.baseline
         lines = ["| config | provider | max abs diff vs " + baseline + " | ok |", "|---|---|---|---|"]
         for r in rows:
+            if "not_run" in r:
+                lines.append(f"| {_config_label(r['config'])} | {r['provider']} | n/a ({r['not_run']}) | |")
+                continue
             lines.append(f"| {_config_label(r['config'])} | {r['provider']} | {r['max_abs_diff']:.2e} | "
                          f"{'yes' if r['ok'] else 'NO'} |")
         return "\n".join(lines)

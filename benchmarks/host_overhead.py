@@ -1,7 +1,7 @@
 """Host time of each op's forward + backward: our Triton ops against the PyTorch ops they replace.
 
     python benchmarks/host_overhead.py            # the table; written to benchmarks/results/cpu-host/
-    python benchmarks/host_overhead.py --smoke    # a few calls of each, nothing written (CI)
+    python benchmarks/host_overhead.py --smoke    # 5 calls of each, one round, nothing written (CI)
 
 An op is called hundreds of times a training step. When its host path (checks, allocations, autograd,
 Triton's launch) takes longer than its kernel's GPU time, eager training waits on the CPU: the first
@@ -37,7 +37,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import stub_gpu  # noqa: E402
 
@@ -199,17 +198,37 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def positive_int(text: str) -> int:
+    """--calls and --rounds: a whole number above zero (a median of no times is no measurement)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above zero")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, with --calls and --rounds filled in: those given, else the smoke or the full defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a few calls of each, nothing written")
-    parser.add_argument("--calls", type=int, default=150, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--smoke", action="store_true", help="a quick pass: fewer calls and rounds, nothing written")
+    parser.add_argument("--calls", type=positive_int, help="calls of each case per round (default 150; 5 with --smoke)")
+    parser.add_argument("--rounds", type=positive_int, help="rounds, PyTorch's calls and ours alternating; the "
+                                                            "table gives their medians (default 15; 1 with --smoke)")
     args = parser.parse_args(argv)
+    args.calls = args.calls or (5 if args.smoke else 150)
+    args.rounds = args.rounds or (1 if args.smoke else 15)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # Triton's real launch path, before a kernel module is imported
     os.environ["GPT2_AUTOTUNE"] = "0"
     torch.set_num_threads(1)  # the host path, not intra-op parallelism of tiny CPU ops
     stub_gpu.install(90)
-    rows = measure(5 if args.smoke else args.calls, 1 if args.smoke else args.rounds)
+    rows = measure(args.calls, args.rounds)
     table = markdown(rows)
     print(table)
     if not args.smoke:

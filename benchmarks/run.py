@@ -33,7 +33,7 @@ def discover() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma list of benchmark names")
+    parser.add_argument("--only", help="comma list of benchmark names (default all)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, agreement only (default without CUDA)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<gpu>)")
@@ -41,7 +41,6 @@ def main(argv=None) -> int:
 
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke and not torch.cuda.is_available():
-        print("No CUDA device: running the smoke pass (tiny sizes, Triton interpreter on the CPU); nothing is timed.")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
     import harness
@@ -50,11 +49,14 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(benches))
         return 0
-    wanted = [name for name in args.only.split(",") if name] or list(benches)
-    unknown = [name for name in wanted if name not in benches]
+    wanted = list(benches) if args.only is None else [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in wanted if name not in benches]  # '' too: `--only ,` names none
     if unknown:
-        print(f"error: unknown benchmark {', '.join(unknown)}; choose from {', '.join(benches)}", file=sys.stderr)
+        print(f"error: --only: unknown benchmark {', '.join(map(repr, unknown))}; choose from {', '.join(benches)}",
+              file=sys.stderr)
         return 2
+    if smoke and not torch.cuda.is_available():
+        print("No CUDA device: running the smoke pass (tiny sizes, Triton interpreter on the CPU); nothing is timed.")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     env = harness.environment(device)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
             run_smoke = harness.smoke_op if isinstance(bench, harness.OpBench) else harness.smoke_step
             rows = run_smoke(bench, device)
             print(f"\n## {name} (smoke)\n\n{harness.markdown_table(bench, rows)}")
-            failed += [f"{name}/{r['provider']}" for r in rows if not r["ok"]]
+            failed += [f"{name}/{r['provider']}" for r in rows if r.get("ok") is False]  # no "ok": not run here
         if failed:
             print(f"\nDISAGREE with the baseline: {', '.join(failed)}", file=sys.stderr)
             return 1

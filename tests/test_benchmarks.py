@@ -1,5 +1,6 @@
 """The benchmark harness and the GPU check on the CPU: every entry's smoke pass, that a wrong provider is caught,
 and what a GPU slot relies on (rows kept as measured, static compiles, children killed, sections in order)."""
+import json
 import os
 import pathlib
 import signal
@@ -8,6 +9,7 @@ import sys
 import tarfile
 import time
 
+import pytest
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -176,24 +178,67 @@ def test_gpu_check_sigterm_kills_the_running_child(tmp_path):
 
 
 def test_gpu_check_archive_and_sections(tmp_path):
-    """--sections runs the named sections only; --archive holds the results folder after each one."""
+    """--sections runs the named sections only; --archive holds the results folder after each one; a second
+    run into the same folder adds its sections to the report, and keeps the device's measured ceilings."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     out, archive = tmp_path / "results", tmp_path / "check.tar.gz"
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--sections",
-                             "tests", "--archive", str(archive)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=900)
+    first_args = ["--smoke", "--out", str(out), "--sections", "tests", "--archive", str(archive)]
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", *first_args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "gpu_check.md").read_text()
     assert "## tests" in report and "## step-B16" not in report
     with tarfile.open(archive) as tar:
         assert {"results/gpu_check.md", "results/tests.log"} <= set(tar.getnames())
-    ablation = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path / "a"),
-                               "--sections", "ablation"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+    (out / "ceilings.json").write_text('{"copy_GBps": 4000.0}')  # as the first run's kernels would have left it
+    ablation = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out),
+                               "--sections", "ablation"], cwd=REPO, env={**env, "GPT2_BENCH_COMMAND": "second"},
+                              capture_output=True, text=True, timeout=300)
     assert ablation.returncode == 0 and "nothing to run here" in ablation.stdout, ablation.stderr[-3000:]
+    report = (out / "gpu_check.md").read_text()
+    assert report.index("## tests") < report.index("## ablation"), report
+    assert "_kept from an earlier run: date " in report.split("## ablation")[0], report  # the tests section's
+    assert "kept from" not in report.split("## ablation")[1] and "- command: second" in report
+    sections = json.loads((out / "gpu_check.json").read_text())["sections"]
+    assert [(s["section"], s["environment"]["command"]) for s in sections] == [
+        ("tests", " ".join(["python", "benchmarks/gpu_check.py", *first_args])), ("ablation", "second")]
+    assert (out / "ceilings.json").exists(), "a run without kernel sections discarded the measured ceilings"
     bad = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--sections", "steps"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--sections: unknown steps" in bad.stderr
+
+
+def test_gpu_check_merge_keeps_measurements_a_skip_would_replace():
+    """Merging a run into an earlier one's report: sections rerun are replaced, the others kept, in the
+    sections' order; a section this run only skipped (out of time) does not replace a measured one."""
+    gpu_check = gpu_check_module()
+    earlier = [{"section": "tests", "result": [1]}, {"section": "kernels", "result": [2]},
+               {"section": "step-B64", "skipped": "skipped: 3 s left"}]
+    records = [{"section": "step-B16", "result": [3]}, {"section": "kernels", "skipped": "skipped: 9 s left"},
+               {"section": "step-B64", "result": [4]}, {"section": "tests", "result": [5]},
+               {"section": "the rest", "skipped": "not run: the check was stopped by SIGTERM"}]
+    got = gpu_check.merged(earlier, records, list(SECTIONS))
+    assert got == [records[3], records[0], earlier[1], records[2], records[4]], got
+
+
+def test_gpu_check_refuses_bad_paths_and_budgets_before_any_section(tmp_path, capsys):
+    """A wrong --archive, --out or --budget is a one-line error before the first section runs, not a
+    traceback after it, with the slot's minutes spent."""
+    gpu_check = gpu_check_module()
+    a_file, out = tmp_path / "file", tmp_path / "out"
+    a_file.write_text("")
+    for args, message in ((["--archive", "/nonexist/x.tar.gz"], "its folder /nonexist is missing"),
+                          (["--archive", str(tmp_path)], "is a folder"),
+                          (["--out", str(a_file)], "is a file"),
+                          (["--out", str(a_file / "sub")], "cannot create it")):
+        assert gpu_check.main(["--smoke", "--sections", "tests", "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --") and message in err and err.count("\n") == 1, err
+    assert not out.exists(), "a section ran before the paths were checked"
+    for budget in ("0", "-5", "nan", "inf", "x"):
+        with pytest.raises(SystemExit) as exit:
+            gpu_check.main(["--smoke", "--budget", budget, "--sections", "ablation", "--out", str(out)])
+        assert exit.value.code == 2 and "is not a positive number of seconds" in capsys.readouterr().err
 
 
 def test_gpu_check_tuning_table_keeps_every_keys_timings():
@@ -238,6 +283,40 @@ def test_host_overhead_smoke_times_every_op():
     for op in ("layernorm", "add_layernorm", "gelu", "attention", "cross_entropy"):  # timed without launches too
         cells = next(line for line in result.stdout.splitlines() if line.startswith(f"| {op} |")).split("|")[1:-1]
         assert len(cells) == 6 and float(cells[4]) > 0, cells
+
+
+def test_host_overhead_arguments(capsys):
+    """--calls and --rounds: refused below one (a median of nothing), honoured with --smoke too."""
+    import host_overhead
+
+    for args in (["--calls", "0"], ["--rounds", "0"], ["--rounds", "-3", "--smoke"], ["--calls", "1.5"]):
+        with pytest.raises(SystemExit) as exit:
+            host_overhead.parse_args(args)
+        assert exit.value.code == 2 and "is not a whole number above zero" in capsys.readouterr().err
+    assert vars(host_overhead.parse_args(["--smoke", "--rounds", "3"])) == {"smoke": True, "calls": 5, "rounds": 3}
+    assert vars(host_overhead.parse_args([])) == {"smoke": False, "calls": 150, "rounds": 15}
+
+
+def test_run_lists_and_checks_names_before_anything_else(capsys):
+    """--list only lists; --only with no valid name (`,`) is an error naming the benchmarks, not all of them."""
+    import run
+
+    assert run.main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == list(run.discover())
+    assert run.main(["--only", ","]) == 2
+    assert "choose from adamw, " in capsys.readouterr().err
+
+
+def test_smoke_lists_cuda_only_attention_backends_as_not_run():
+    """On a CPU the forced SDPA backends cannot run: their smoke rows say so, instead of agreeing at 0.0."""
+    import bench_attention
+
+    bench = bench_attention.BENCHMARKS[0]
+    rows = harness.smoke_op(bench, torch.device("cpu"))
+    not_run = {r["provider"] for r in rows if "ok" not in r}
+    assert not_run == {"torch-flash", "torch-cudnn", "torch-efficient"}, rows
+    assert all(r["ok"] for r in rows if "ok" in r)
+    assert "| torch-flash | n/a (CUDA only) |" in harness.markdown_table(bench, rows)
 
 
 def test_smoke_catches_a_provider_that_disagrees():
