@@ -715,6 +715,21 @@ class Run:
             record["mfu"] = self.flops_per_token * tokens_per_sec / self.peak
         return record
 
+    def diverged(self, record: dict) -> bool:
+        """The step's loss is not finite, or its grad norm is not and no GradScaler skipped the step: the
+        weights are lost from here on, so the run stops before it saves them (all ranks agree: both values
+        are all-reduced)."""
+        return not math.isfinite(record["loss"]) or (not self.scaler.is_enabled()
+                                                       and not math.isfinite(record["grad_norm"]))
+
+    def divergence_message(self, record: dict) -> str:
+        what = "loss" if not math.isfinite(record["loss"]) else "grad norm"
+        newest = (f"the newest checkpoint is {checkpoint_path(self.out_dir, self.saved_at)}: continue from it with "
+                  "--resume and a lower --learning_rate" if self.saved_at is not None else
+                  "no checkpoint was saved: start over with --overwrite and a lower --learning_rate")
+        return f"step {record['step']}: the {what} is {record[what.replace(' ', '_')]}, training diverged; nothing " \
+               f"after it is saved, and {newest}"
+
     def delete_consumed_shards(self):
         """Rank 0 deletes the shards every rank has read, but none from the newest checkpoint's position on
         (the first checkpoint's: the start), so that --resume after a crash finds them. Without periodic
@@ -794,6 +809,9 @@ class Run:
                        f"norm {record['grad_norm']:.3f} | {record['dt_ms']:.0f} ms | "
                        f"{record['tokens_per_sec']:.0f} tok/s{mfu}")
             self.log(record)
+            if self.diverged(record):
+                self.plot()
+                raise TrainError(self.divergence_message(record))
             if cfg.delete_consumed_shards:
                 self._barrier()  # every rank has finished its reads of this step
                 self.delete_consumed_shards()

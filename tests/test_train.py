@@ -3,6 +3,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 import train
+from gpt2 import trainer
+from gpt2.checkpoint import checkpoints
 from gpt2.data import prepare_shakespeare
 from gpt2.sampling import SEPARATOR
 from gpt2.trainer import Run
@@ -623,3 +626,28 @@ def test_a_run_that_fails_before_its_first_step_does_not_block_the_rerun(small_d
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert sum("run" in r for r in records) == 1 and len(losses(out)) == 2
     expect_error(capsys, "--data", small_data, "--out_dir", out, "--max_steps", 2, match="holds a run")
+
+
+@pytest.mark.parametrize("broken", ["loss", "grad_norm"])
+def test_a_diverged_run_stops_before_saving_its_weights(small_data, tmp_path, capsys, monkeypatch, broken):
+    """A step whose loss is nan, or whose gradients are (the update then spreads nan into every weight):
+    the run stops there, with the newest good checkpoint named, and saves nothing after it."""
+    accumulate, calls = trainer.accumulate_gradients, []
+
+    def breaking_at_step_3(model, *args):
+        loss = accumulate(model, *args)
+        calls.append(None)
+        if len(calls) == 4:
+            if broken == "loss":
+                return loss * math.nan
+            next(model.parameters()).grad[0, 0] = math.nan
+        return loss
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", breaking_at_step_3)
+    out = tmp_path / "out"
+    assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 8, "--checkpoint_interval", 2) == 2
+    err = capsys.readouterr().err
+    assert f"error: step 3: the {broken.replace('_', ' ')} is nan, training diverged" in err, err
+    assert f"the newest checkpoint is {out / 'ckpt_000002.pt'}: continue from it with --resume" in err
+    assert [p.name for p in checkpoints(out)] == ["ckpt_000002.pt"]
+    assert math.isnan(json.loads((out / "log.jsonl").read_text().splitlines()[-1])[broken])
