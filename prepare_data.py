@@ -21,14 +21,42 @@
         --delete_consumed_shards --checkpoint_interval 500
 
 Rerunning over an existing output continues where the last run stopped and writes the same files (a
-killed run leaves only complete shards); an output folder holding shards of another tokenizer, shard
-size or source is refused. The folder's files are described in gpt2/shards.py.
+killed or Ctrl-C'd run leaves only complete shards; Ctrl-C exits with code 130); an output folder holding
+shards of another tokenizer, shard size or source (file names, sizes and a fingerprint of their content)
+is refused. The folder's files are described in gpt2/shards.py.
 """
 import argparse
 import os
 import sys
 
-from gpt2.shards import FINEWEB_CONFIG, FINEWEB_DATASET, SHAKESPEARE_URL, prepare_fineweb, prepare_shakespeare
+from gpt2.shards import (
+    FINEWEB_CONFIG, FINEWEB_DATASET, MIN_SHARD_SIZE, SHAKESPEARE_URL, Interrupted, prepare_fineweb,
+    prepare_shakespeare,
+)
+
+
+def shard_size_arg(text: str) -> int:
+    """A token count, also written 1e8 or 100_000_000; at least MIN_SHARD_SIZE."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of tokens (e.g. 1e8)") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens")
+    if value < MIN_SHARD_SIZE:
+        raise argparse.ArgumentTypeError(f"{text} tokens is too small: a shard holds at least {MIN_SHARD_SIZE:,} "
+                                         "(smaller ones write a file every few documents)")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (use 1 or more)")
+    return value
 
 
 def parse_args(argv=None):
@@ -49,12 +77,15 @@ def parse_args(argv=None):
                               "or .txt (one document each)")
     fineweb.add_argument("--dataset", default=FINEWEB_DATASET, help="Hugging Face dataset to stream")
     fineweb.add_argument("--name", default=FINEWEB_CONFIG, help="its configuration (subset)")
-    fineweb.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per shard")
-    fineweb.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
+    fineweb.add_argument("--shard_size", type=shard_size_arg, default=100_000_000,
+                         help=f"tokens per shard, e.g. 1e8 (at least {MIN_SHARD_SIZE:,})")
+    fineweb.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
+                         help="tokenizer processes")
     fineweb.add_argument("--max_shards_on_disk", type=int, default=None,
                          help="wait while this many train shards are on disk "
                               "(run train.py --delete_consumed_shards beside it)")
-    fineweb.add_argument("--prefix", default="edufineweb", help="shard file name prefix")
+    fineweb.add_argument("--prefix", default="edufineweb",
+                         help="shard file name prefix: letters, digits, '-', '_', '.', without '_train' or '_val'")
     fineweb.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -72,13 +103,24 @@ def main(argv=None) -> None:
             )
     except (ValueError, OSError, RuntimeError, ImportError) as err:  # the messages say what to do
         sys.exit(f"prepare_data.py: error: {err}")
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, not a traceback; what is on disk is complete
+        message = err if isinstance(err, Interrupted) else "interrupted; run the same command again to continue"
+        print(f"prepare_data.py: {message}", file=sys.stderr)
+        sys.exit(130)
     summary = ", ".join(f"{split}: {len(done['shards'][split])} shards, {done['tokens'][split]:,} tokens"
                         for split in ("train", "val"))
     print(f"{args.out}: {summary}", file=sys.stderr)
     if args.dataset != "shakespeare" and not done["shards"]["train"]:  # the first shard_size tokens are val
-        sys.exit(f"prepare_data.py: error: {args.out} holds no train shard: all {done['tokens']['val']:,} tokens "
-                 f"went to the val shard (--shard_size {args.shard_size:,}); prepare the text again into a new "
-                 f"--out with --shard_size {max(1, done['tokens']['val'] // 10):,}")
+        sys.exit(f"prepare_data.py: error: {args.out} holds no train shard: {no_train_shard_fix(done, args)}")
+
+
+def no_train_shard_fix(done, args) -> str:
+    total = done["tokens"]["val"]
+    told = f"all {total:,} tokens went to the val shard (--shard_size {args.shard_size:,})"
+    if total <= MIN_SHARD_SIZE:
+        return f"{told}; a val and a train shard need more than {MIN_SHARD_SIZE:,} tokens: pass more text"
+    return (f"{told}; prepare the text again into a new --out with --shard_size "
+            f"{max(MIN_SHARD_SIZE, total // 10):,}")
 
 
 if __name__ == "__main__":

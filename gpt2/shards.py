@@ -7,8 +7,8 @@ does, and the rest are train shards 1, 2, ...; tinyshakespeare is split 90 % tra
 
 Files in an output folder, besides the shards:
 
-    meta.json      tokenizer, dtype, shard size, source: once the folder holds shards (or consumed.txt
-                   lists some), a rerun with other settings is refused
+    meta.json      tokenizer, dtype, shard size, source (and a fingerprint of local input files): once the
+                   folder holds shards (or consumed.txt lists some), a rerun with other settings is refused
     DONE           written last; lists every shard. Without it a producer is (or was) still running,
                    and the loader waits for more train shards instead of ending the epoch
     consumed.txt   train shards the trainer deleted (--delete_consumed_shards); a rerun skips them
@@ -25,6 +25,7 @@ deletes consumed shards (ShardLoader(..., delete_consumed=True)) frees room as i
 run side by side through a disk that holds K shards.
 """
 import csv
+import ctypes
 import hashlib
 import importlib.resources
 import io
@@ -33,7 +34,10 @@ import json
 import lzma
 import os
 import pathlib
+import re
+import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,7 +57,11 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 FINEWEB_CONFIG = "sample-10BT"
 # the settings a rerun must share with the shards already in a folder
-META_KEYS = ("format", "name", "tokenizer", "dtype", "shard_size", "val_shards", "source")
+META_KEYS = ("format", "name", "tokenizer", "dtype", "shard_size", "val_shards", "source", "fingerprint")
+# prepare_data.py's smallest --shard_size: smaller shards would write a file (and fsync it) every few tokens.
+# The functions here take any positive size, so that tests can cut a few documents into many shards.
+MIN_SHARD_SIZE = 1000
+FINGERPRINT_BYTES = 1 << 20  # an input file's fingerprint hashes its size and this many bytes at each end
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -74,19 +82,37 @@ def write_json(path, obj) -> None:
     write_atomic(path, lambda f: f.write(data))
 
 
-def read_json(path):
-    """The file's JSON content, or None if it does not exist; a damaged file is an error that names it."""
+# what to do about a damaged file: the smallest step after which a rerun writes it again, keeping the shards
+DAMAGED_FIX = {
+    META_FILE: "without it the shards cannot be checked: delete the folder {folder} and run prepare_data.py again",
+    DONE_FILE: "delete it and run the same prepare_data.py command again: it keeps the shards and rewrites {name}",
+    PROGRESS_FILE: "delete it and run the same prepare_data.py command again: it keeps the shards on disk "
+                   "(tokenizing the input from the start to find where they end) and rewrites {name}",
+}
+
+
+def read_json(path, required=()):
+    """The file's JSON content, or None if it does not exist. A damaged file, one that is not a JSON object
+    or lacks one of the `required` keys, is an error that names it and the fix."""
     path = pathlib.Path(path)
     if not path.exists():
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            content = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{path} is damaged ({err}); prepare_data.py writes it: delete the folder {path.parent} "
-            "and run prepare_data.py again"
-        ) from None
+        raise _damaged(path, str(err)) from None
+    if not isinstance(content, dict):
+        raise _damaged(path, f"it holds a {type(content).__name__}, not an object")
+    missing = [k for k in required if k not in content]
+    if missing:
+        raise _damaged(path, f"no {missing[0]!r} in it")
+    return content
+
+
+def _damaged(path: pathlib.Path, problem: str) -> ValueError:
+    fix = DAMAGED_FIX.get(path.name, DAMAGED_FIX[META_FILE]).format(folder=path.parent, name=path.name)
+    return ValueError(f"{path} is damaged ({problem}); prepare_data.py writes it: {fix}")
 
 
 def read_meta(folder):
@@ -95,7 +121,7 @@ def read_meta(folder):
 
 def read_done(folder):
     """The DONE marker's content ({"shards": {split: [file names]}, ...}), or None while still producing."""
-    return read_json(pathlib.Path(folder) / DONE_FILE)
+    return read_json(pathlib.Path(folder) / DONE_FILE, required=("shards", "tokens"))
 
 
 def read_consumed(folder) -> set:
@@ -162,7 +188,9 @@ def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
                 "written by prepare_data.py. Use an empty or new --out folder."
             )
     else:
-        diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in META_KEYS if old.get(k) != meta.get(k)]
+        # a key an older version did not write is not compared: its folders stay usable (and get the key now)
+        diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in META_KEYS
+                if k in old and old[k] != meta.get(k)]
         if diff and holds_shards(folder):
             raise ValueError(
                 f"{folder} holds shards made with other settings ({'; '.join(diff)}). "
@@ -171,7 +199,24 @@ def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
         if diff:
             for name in (DONE_FILE, PROGRESS_FILE):
                 (folder / name).unlink(missing_ok=True)
-    write_json(folder / META_FILE, meta)
+    try:
+        write_json(folder / META_FILE, meta)
+    except OSError as err:  # the first write: its error would name a temporary file
+        raise OSError(f"cannot write in the output folder {folder} ({err.strerror}): "
+                      "pass an --out folder you can write to") from None
+
+
+def make_out_dir(folder) -> pathlib.Path:
+    """Create the output folder (and its parents); an error names the folder and what to do."""
+    folder = pathlib.Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder: pass a new folder, or one prepare_data.py wrote")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the output folder {folder} ({err.strerror}): "
+                      "pass an --out folder you can write to") from None
+    return folder
 
 
 def holds_shards(folder: pathlib.Path) -> bool:
@@ -179,10 +224,11 @@ def holds_shards(folder: pathlib.Path) -> bool:
     return any(folder.glob("*.npy")) or bool(read_consumed(folder))
 
 
-def make_meta(name: str, shard_size, val_shards: int, source: str, max_shards_on_disk=None) -> dict:
+def make_meta(name: str, shard_size, val_shards: int, source: str, max_shards_on_disk=None,
+              fingerprint=None) -> dict:
     return {
         "format": FORMAT, "name": name, "tokenizer": ENCODING_NAME, "dtype": "uint16",
-        "shard_size": shard_size, "val_shards": val_shards, "source": source,
+        "shard_size": shard_size, "val_shards": val_shards, "source": source, "fingerprint": fingerprint,
         "max_shards_on_disk": max_shards_on_disk,
     }
 
@@ -200,32 +246,65 @@ def _text_of(row, where: str) -> str:
     if not isinstance(row, dict) or "text" not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ValueError(f"{where} has no 'text' field (it has: {keys}); every document needs one")
-    return row["text"]
+    return _check_text(row["text"], where)
+
+
+def _check_text(text, where: str) -> str:
+    # checked here, in the parent, where the file and line are known: a worker would fail without them
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        raise ValueError(f"{where}: 'text' is {kind}, not a string; every document's text must be a string")
+    return text
+
+
+def check_input_file(path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"input {path} is a folder: pass the files in it (e.g. {path / '*.jsonl'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    return path
 
 
 def iter_local_documents(paths):
     """Texts of local files, in order: .jsonl (one object per line), .parquet and .csv (a `text`
     column) hold one document per row/line with a `text` field; a .txt file is one document."""
-    for path in map(pathlib.Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
-        elif suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield _text_of(_json_line(line, f"{path}:{lineno}"), f"{path}:{lineno}")
-        elif suffix == ".csv":
-            csv.field_size_limit(2**31 - 1)
-            with open(path, encoding="utf-8", newline="") as f:
-                for rowno, row in enumerate(csv.DictReader(f), 1):
-                    yield _text_of(row, f"{path} row {rowno}")
-        elif suffix == ".parquet":
-            yield from _iter_parquet(path)
-        else:
-            raise ValueError(f"input file {path}: unknown type {suffix!r} (use .jsonl, .parquet, .csv or .txt)")
+    for path in map(check_input_file, paths):
+        try:
+            yield from _iter_file(path)
+        except UnicodeDecodeError as err:  # its message has a position but no file name
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason}, byte {err.object[err.start]:#04x}): "
+                             "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _iter_file(path: pathlib.Path):
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif suffix == ".jsonl":
+        with open(path, "rb") as f:  # decoded line by line, so that an error names its line
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                line = _utf8_line(raw, where)
+                if line.strip():
+                    yield _text_of(_json_line(line, where), where)
+    elif suffix == ".csv":
+        csv.field_size_limit(2**31 - 1)
+        with open(path, encoding="utf-8", newline="") as f:
+            for rowno, row in enumerate(csv.DictReader(f), 1):
+                yield _text_of(row, f"{path} row {rowno}")
+    elif suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise ValueError(f"input file {path}: unknown type {suffix!r} (use .jsonl, .parquet, .csv or .txt)")
+
+
+def _utf8_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text ({err.reason}, byte {raw[err.start]:#04x} at column "
+                         f"{err.start + 1}): convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _json_line(line: str, where: str):
@@ -241,11 +320,20 @@ def _iter_parquet(path: pathlib.Path):
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-    pf = pq.ParquetFile(path)
-    if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path} has no 'text' column (it has: {pf.schema_arrow.names})")
-    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-        yield from batch.column(0).to_pylist()
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"{path} has no 'text' column (it has: {pf.schema_arrow.names})")
+        row = 0
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield _check_text(text, f"{path} row {row}")
+    except pa.ArrowException as err:  # e.g. "Parquet magic bytes not found in footer", without the file
+        raise ValueError(f"{path} is not a readable parquet file ({err}): a partial download? "
+                         "Fetch it again, or leave it out of --input") from None
 
 
 def iter_hub_documents(dataset: str, config: str, split: str = "train"):
@@ -281,13 +369,28 @@ def _hub_texts(first, rows, where):
 
 
 def describe_local_inputs(paths) -> str:
-    """Names and sizes: a rerun over other files would write other shards, so meta.json records this."""
+    """Names and sizes: a rerun over other files would write other shards, so meta.json records this
+    (and their fingerprint). An empty file is refused here, before anything is written."""
     parts = []
-    for path in map(pathlib.Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"input file {path} does not exist")
+    for path in map(check_input_file, paths):
+        if path.stat().st_size == 0:
+            raise ValueError(f"input file {path} holds no text (it is empty): pass a file with documents")
         parts.append(f"{path.name}:{path.stat().st_size}")
     return "files:" + ",".join(parts)
+
+
+def fingerprint_local_inputs(paths) -> str:
+    """A hash of each file's size and first and last FINGERPRINT_BYTES: cheap for files of gigabytes, and
+    a file of the same name and size but other content (another download, an edited copy) differs."""
+    digest = hashlib.sha256()
+    for path in map(check_input_file, paths):
+        size = path.stat().st_size
+        digest.update(f"{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(FINGERPRINT_BYTES))
+            f.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(f.read(FINGERPRINT_BYTES))
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -305,7 +408,7 @@ class ShardWriter:
     def __init__(self, folder, name, shard_size, val_shards=1, max_shards_on_disk=None, warn_after=60.0):
         self.folder, self.name, self.shard_size = pathlib.Path(folder), name, shard_size
         self.val_shards, self.max_shards_on_disk, self.warn_after = val_shards, max_shards_on_disk, warn_after
-        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        self.buffer = shard_buffer(shard_size)
         self.fill = 0
         self.index = 0
         self.docs, self.doc_offset = 0, 0   # documents added; tokens of the next one already in shards
@@ -317,7 +420,7 @@ class ShardWriter:
     def resume(self) -> int:
         """Continue after the shards progress.json records, if they are all still there (or consumed);
         returns the number of documents to skip."""
-        progress = read_json(self.folder / PROGRESS_FILE)
+        progress = read_json(self.folder / PROGRESS_FILE, required=("next_index", "docs", "doc_offset", "tokens"))
         if progress is None:
             return 0
         names = [shard_name(self.name, self._split(i), i) for i in range(progress["next_index"])]
@@ -378,16 +481,23 @@ class ShardWriter:
                                                  "doc_offset": self.doc_offset, "tokens": self.tokens})
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped write_shards; the message says what was written and how to continue."""
+
+
 def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, workers=1,
-                 max_shards_on_disk=None, progress=True) -> dict:
-    """Tokenize `texts` (an iterable of documents) into shards in `folder`; returns the DONE content."""
-    _check_settings(shard_size, max_shards_on_disk)
-    folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+                 max_shards_on_disk=None, progress=True, fingerprint=None) -> dict:
+    """Tokenize `texts` (an iterable of documents) into shards in `folder`; returns the DONE content.
+    `source` and `fingerprint` identify the input in meta.json (describe_local_inputs, fingerprint_local_inputs).
+
+    Ctrl-C raises Interrupted once the pool is stopped: the folder then holds only complete shards, and
+    the same call again continues where this one stopped."""
+    _check_settings(name, shard_size, max_shards_on_disk)
+    folder = make_out_dir(folder)
     get_encoding()  # a missing BPE fails here, with tiktoken's message, not inside a worker
-    check_or_write_meta(folder, make_meta(name, shard_size, val_shards, source, max_shards_on_disk))
+    writer = ShardWriter(folder, name, shard_size, val_shards, max_shards_on_disk)  # allocates: before meta.json
+    check_or_write_meta(folder, make_meta(name, shard_size, val_shards, source, max_shards_on_disk, fingerprint))
     remove_stale_tmp_files(folder)
-    writer = ShardWriter(folder, name, shard_size, val_shards, max_shards_on_disk)
     skip = writer.resume()
     if skip:
         print(f"{folder}: shards up to index {writer.index - 1} are done; skipping their {skip:,} documents",
@@ -397,15 +507,18 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
     pool = None
     try:
         if workers > 1:
-            import multiprocessing
-
-            pool = multiprocessing.get_context().Pool(workers)
+            pool = _tokenizer_pool(workers)
         for tokens in tokenize_stream(texts, pool, chunk_docs=256 * workers):
             writer.add(tokens)
             if bar is not None:
                 bar.update(len(tokens))
                 bar.set_postfix(shards=writer.written, skipped=writer.skipped, refresh=False)
+        if writer.docs == 0:
+            raise ValueError(f"the input ({source}) holds no text (no documents): pass files with documents")
         done = writer.finish()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {writer.written} shards written to {folder} by this run ({writer.index} "
+                          "done in all); run the same command again to continue") from None
     finally:
         if pool is not None:
             pool.terminate()
@@ -413,6 +526,31 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
         if bar is not None:
             bar.close()
     return done
+
+
+def _tokenizer_pool(workers: int):
+    import multiprocessing
+
+    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Ctrl-C reaches the whole process group, but only the parent reacts (it stops the pool): a worker
+    would print a traceback of its own. And a worker ends with its parent, even one killed by SIGKILL,
+    rather than live on and print BrokenPipeError tracebacks when it hands back its results."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # Linux: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # elsewhere, a thread watches for the parent
+        threading.Thread(target=_exit_without_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def _exit_without_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def tokenize_stream(texts, pool=None, chunk_docs=1024):
@@ -433,11 +571,42 @@ def tokenize_stream(texts, pool=None, chunk_docs=1024):
         yield from pending.get()
 
 
-def _check_settings(shard_size, max_shards_on_disk) -> None:
+def _check_settings(name, shard_size, max_shards_on_disk) -> None:
+    check_prefix(name)
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     if max_shards_on_disk is not None and max_shards_on_disk < 2:
         raise ValueError("max_shards_on_disk must be at least 2: a training step may span two shards")
+
+
+def check_prefix(name: str) -> None:
+    """A shard file name prefix: a plain file name (no folder, not hidden), under which no val shard
+    matches the train shards' pattern *_train_*.npy (count_shards, and gpt2/data.py's loader) or back."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ValueError(f"--prefix {name!r} is not a plain file name: use 1 to 100 letters, digits, '-', '_' "
+                         "and '.', starting with a letter or digit")
+    for split in SPLITS:
+        if f"_{split}_" in f"{name}_":
+            raise ValueError(f"--prefix {name!r}: its shards would match the pattern *_{split}_*.npy of the "
+                             f"{split} shards; use a prefix without '_{split}' (e.g. {name.replace('_' + split, '')})")
+
+
+def shard_buffer(shard_size: int) -> np.ndarray:
+    """The writer's buffer of one shard (2 bytes a token), refused with a message that names
+    --shard_size where it cannot be allocated or would not fit in this machine's memory."""
+    fix = f"--shard_size {shard_size:,} needs a buffer of {2 * shard_size / 1e9:.1f} GB"
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux or macOS
+        memory = None
+    if memory and 2 * shard_size > memory:
+        raise ValueError(f"{fix}, more than this machine's {memory / 1e9:.1f} GB: use a smaller --shard_size "
+                         "(the default is 1e8)")
+    try:
+        return np.empty(shard_size, dtype=np.uint16)
+    except MemoryError:
+        raise ValueError(f"{fix}, which could not be allocated: use a smaller --shard_size "
+                         "(the default is 1e8)") from None
 
 
 def _progress_bar(enabled: bool):
@@ -454,20 +623,20 @@ def prepare_fineweb(out_dir, inputs=None, dataset=FINEWEB_DATASET, config=FINEWE
                     shard_size=100_000_000, workers=1, max_shards_on_disk=None, name="edufineweb",
                     progress=True) -> dict:
     """FineWeb-Edu (streamed from the hub) or local text files -> shards; the first shard is val."""
-    _check_settings(shard_size, max_shards_on_disk)
+    _check_settings(name, shard_size, max_shards_on_disk)
+    shard_buffer(shard_size)  # a size too large fails now, before meta.json (the writer allocates it again)
     if inputs:
-        source = describe_local_inputs(inputs)
+        source, fingerprint = describe_local_inputs(inputs), fingerprint_local_inputs(inputs)
     else:
-        source = f"hub:{dataset}/{config}"
+        source, fingerprint = f"hub:{dataset}/{config}", None
     # meta.json first, before the hub is reached: a trainer started beside this producer takes a folder
     # with meta.json and no DONE as "shards still to come" and waits for them (should the hub fail, a
     # rerun with other settings replaces this meta.json: it describes no shard)
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_or_write_meta(out_dir, make_meta(name, shard_size, 1, source, max_shards_on_disk))
+    out_dir = make_out_dir(out_dir)
+    check_or_write_meta(out_dir, make_meta(name, shard_size, 1, source, max_shards_on_disk, fingerprint))
     texts = iter_local_documents(inputs) if inputs else iter_hub_documents(dataset, config)
     return write_shards(texts, out_dir, name, shard_size, source=source, workers=workers,
-                        max_shards_on_disk=max_shards_on_disk, progress=progress)
+                        max_shards_on_disk=max_shards_on_disk, progress=progress, fingerprint=fingerprint)
 
 
 def download_text(dest, url) -> pathlib.Path:
@@ -523,24 +692,17 @@ def prepare_shakespeare(out_dir, input_file=None, url=None) -> dict:
     at url (downloaded into out_dir/input.txt), or by default from the copy shipped with the package,
     whose tokens ship too: the default needs no network and no BPE. Returns the DONE content.
     """
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_out_dir(out_dir)
     if url is not None:
         input_file = out_dir / "input.txt"
         if not input_file.exists():
             download_text(input_file, url)
-    if input_file is None:
-        text = shipped_shakespeare_text()
-    else:
-        input_file = pathlib.Path(input_file)
-        if not input_file.is_file():
-            raise FileNotFoundError(f"input file {input_file} does not exist")
-        text = input_file.read_text(encoding="utf-8")
+    text = shipped_shakespeare_text() if input_file is None else read_text_file(input_file)
     source = _sha256(text)
-    check_or_write_meta(out_dir, make_meta("shakespeare", None, 1, source))
     shipped = source == _sha256(shipped_shakespeare_text())
     tokens = shipped_shakespeare_tokens() if shipped else tokenize_document(text)
-    n_train = int(0.9 * len(tokens))
+    n_train = shakespeare_split(len(tokens), input_file)  # before meta.json: a text too short writes nothing
+    check_or_write_meta(out_dir, make_meta("shakespeare", None, 1, source))
     parts = {"val": (0, tokens[n_train:]), "train": (1, tokens[:n_train])}
     names = {}
     for split, (index, part) in parts.items():
@@ -550,6 +712,30 @@ def prepare_shakespeare(out_dir, input_file=None, url=None) -> dict:
     done = {"shards": names, "tokens": {split: len(part) for split, (_, part) in parts.items()}}
     write_json(out_dir / DONE_FILE, done)
     return done
+
+
+def read_text_file(path) -> str:
+    """A whole UTF-8 text file; an empty or undecodable one is an error that names it."""
+    path = check_input_file(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # its message has a position but no file name
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}, byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start}): convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    if not text.strip():
+        raise ValueError(f"input file {path} holds no text: pass a file with some")
+    return text
+
+
+def shakespeare_split(n_tokens: int, source) -> int:
+    """Tokens of the train split (the first 90 %); refuses a text too short to give both splits the
+    2 tokens of one (input, target) pair."""
+    n_train = int(0.9 * n_tokens)
+    if min(n_train, n_tokens - n_train) < 2:
+        needed = next(n for n in itertools.count(n_tokens) if min(int(0.9 * n), n - int(0.9 * n)) >= 2)
+        raise ValueError(f"input file {source} holds only {n_tokens} tokens (with <|endoftext|>): a train and "
+                         f"a val split (90 % / 10 %) need at least {needed}; pass a longer text")
+    return n_train
 
 
 def ensure_shakespeare(data_dir, input_file=None) -> pathlib.Path:

@@ -209,7 +209,7 @@ def test_killed_run_leaves_only_complete_shards(fineweb, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(killed_midway(), out, "edufineweb", SHARD, source=shards.describe_local_inputs([path]),
-                            progress=False)
+                            fingerprint=shards.fingerprint_local_inputs([path]), progress=False)
     left = sorted(p.name for p in out.iterdir())
     assert "DONE" not in left and {"meta.json", "progress.json"} <= set(left)
     written = load_all(out)
@@ -268,15 +268,19 @@ def test_input_errors(tmp_path, monkeypatch):
         list(shards.iter_local_documents([parquet]))
 
 
-
-def test_text_too_short_for_a_train_shard_is_an_error_that_names_the_fix(tmp_path, capsys):
+def test_text_too_short_for_a_train_shard_is_an_error_that_names_the_fix(shared_data, tmp_path, capsys):
     text = tmp_path / "short.txt"
     text.write_text("A few words, far fewer than one shard of tokens.")
     with pytest.raises(SystemExit) as stop:
         prepare_data.main(["fineweb", "--input", str(text), "--out", str(tmp_path / "out"), "--no_progress"])
-    assert "holds no train shard" in str(stop.value) and "--shard_size 1" in str(stop.value), stop.value
+    assert "holds no train shard" in str(stop.value) and "more than 1,000 tokens: pass more text" in str(stop.value)
     assert "train: 0 shards" in capsys.readouterr().err
     assert list((tmp_path / "out").glob("*_val_*.npy"))  # what was written stays
+    # enough text for a smaller shard size: the advice names one (a tenth of the text, at least 1000)
+    with pytest.raises(SystemExit, match=r"all 89,438 tokens went to the val shard .* --shard_size 8,943$"):
+        prepare_data.main(["fineweb", "--input", str(shared_data / "fineweb_sample" / "fineweb_edu_150.jsonl"),
+                           "--out", str(tmp_path / "out2"), "--no_progress", "--shard_size", "1e5"])
+
 
 def test_parquet_input(fineweb, tmp_path, enc):
     pa = pytest.importorskip("pyarrow")
@@ -342,3 +346,238 @@ def test_a_failed_hub_prepare_does_not_hold_the_folder(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "meta.json").read_text())["source"].startswith("files:doc.txt")
     with pytest.raises(ValueError, match="holds shards made with other settings"):  # now it holds shards
         shards.prepare_fineweb(tmp_path, shard_size=SHARD, progress=False)
+
+
+# -- Ctrl-C, kill -9 ------------------------------------------------------------------------------------------
+
+def run_prepare(args, **kwargs):
+    """prepare_data.py in its own process group (Ctrl-C in a terminal signals the whole group), with the
+    default SIGINT handling even where this test runs as a background job (which ignores SIGINT)."""
+    import signal
+    import subprocess
+
+    from conftest import REPO
+
+    return subprocess.Popen([sys.executable, str(REPO / "prepare_data.py"), *map(str, args)], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def wait_for(condition, what, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_prints_one_line_and_the_rerun_finishes(fineweb, tmp_path, workers):
+    """SIGINT to the process group while the producer waits for disk room (--max_shards_on_disk 2): one line,
+    exit code 130, no traceback from the parent or a pool worker; the rerun writes the uninterrupted files."""
+    import signal
+
+    path, _ = fineweb
+    shards.prepare_fineweb(tmp_path / "ref", inputs=[path], shard_size=1000, workers=1, progress=False)
+    out = tmp_path / "out"
+    args = ["fineweb", "--input", path, "--out", out, "--shard_size", 1000, "--workers", workers, "--no_progress"]
+    producer = run_prepare(args + ["--max_shards_on_disk", 2])
+    try:
+        wait_for(lambda: producer.poll() is not None or len(list(out.glob("*_train_*.npy"))) == 2, "2 train shards")
+        wait_for(lambda: json.loads((out / "progress.json").read_text())["next_index"] == 3, "progress.json")
+        os.killpg(producer.pid, signal.SIGINT)
+        err = producer.communicate(timeout=60)[1]
+    finally:
+        producer.kill()
+    assert producer.returncode == 130, err
+    assert err.splitlines() == [f"prepare_data.py: interrupted: 3 shards written to {out} by this run (3 done in "
+                                "all); run the same command again to continue"], err
+    rerun = run_prepare(args)
+    assert rerun.communicate(timeout=120)[1].endswith("tokens\n") and rerun.returncode == 0
+    reference = load_all(tmp_path / "ref")
+    assert load_all(out).keys() == reference.keys()
+    assert all(np.array_equal(load_all(out)[k], reference[k]) for k in reference)
+
+
+def test_pool_workers_end_with_their_parent(tmp_path):
+    """kill -9 of the producer: its tokenizer processes, even busy ones, end at once (and print nothing),
+    rather than finish their work and fail with BrokenPipeError tracebacks."""
+    import signal
+    import subprocess
+
+    code = ("import sys, time; from gpt2 import shards; pool = shards._tokenizer_pool(2); "
+            "[pool.apply_async(time.sleep, (60,)) for _ in range(2)]; "
+            "print(*[p.pid for p in pool._pool], flush=True); time.sleep(60)")
+    from conftest import REPO
+
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    wait_for(lambda: not any(map(running, workers)), "the workers to end", timeout=5)
+
+
+def running(pid):
+    """Alive and not a zombie (an orphan waits as one until its new parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# -- input errors name the file, the line and the fix --------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_text_that_is_not_a_string_names_file_and_line(tmp_path, workers):
+    for value, kind in [("5", "int"), ("null", "null"), ('["a"]', "list")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "fine"}\n' + '{"text": %s}\n' % value)
+        with pytest.raises(ValueError, match=rf"^{bad}:2: 'text' is {kind}, not a string"):
+            shards.prepare_fineweb(tmp_path / kind, inputs=[bad], shard_size=SHARD, workers=workers, progress=False)
+
+
+def test_parquet_errors_name_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["fine", None]}), tmp_path / "null.parquet")
+    with pytest.raises(ValueError, match=r"null.parquet row 2: 'text' is null, not a string"):
+        list(shards.iter_local_documents([tmp_path / "null.parquet"]))
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"not a parquet file at all")
+    with pytest.raises(ValueError, match=rf"^{corrupt} is not a readable parquet file \(.*\): a partial download"):
+        list(shards.iter_local_documents([corrupt]))
+
+
+def test_prefix_must_be_a_plain_name_that_keeps_the_splits_apart(fineweb, tmp_path):
+    path, _ = fineweb
+    for prefix in ["../esc", "sub/x", "", ".hidden", "my_train", "a_val", "x_val_y"]:
+        with pytest.raises(SystemExit, match=rf"^prepare_data.py: error: --prefix {prefix!r}"):
+            prepare_data.main(["fineweb", "--input", str(path), "--out", str(tmp_path / "out"), "--prefix", prefix,
+                               "--shard_size", "1000", "--workers", "1", "--no_progress"])
+    assert list(tmp_path.rglob("*.npy")) == [] and not (tmp_path / "esc_val_000000.npy").exists()
+    with pytest.raises(ValueError, match=r"would match the pattern \*_train_\*.npy .* \(e.g. my\)"):
+        shards.check_prefix("my_train")
+    for prefix in ["my-data.v2", "fineweb_edu", "trainset", "valid_x", "x_trainer"]:
+        shards.check_prefix(prefix)
+
+
+def test_empty_or_too_short_input_is_an_error_that_says_so(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for text in (empty, blank):
+        with pytest.raises(ValueError, match=rf"^input file {text} holds no text"):
+            shards.prepare_shakespeare(tmp_path / "s", text)
+    short = tmp_path / "short.txt"
+    short.write_text("Hello there")  # 2 tokens and <|endoftext|>
+    with pytest.raises(ValueError, match=r"holds only 3 tokens .* need at least 11; pass a longer text"):
+        shards.prepare_shakespeare(tmp_path / "s", short)
+    assert list((tmp_path / "s").iterdir()) == []  # no meta.json: the folder stays free for any text
+    jsonl = tmp_path / "empty.jsonl"
+    jsonl.write_text("")
+    with pytest.raises(ValueError, match=rf"^input file {jsonl} holds no text"):
+        shards.prepare_fineweb(tmp_path / "f", inputs=[jsonl], shard_size=SHARD, progress=False)
+    jsonl.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"holds no text \(no documents\)"):
+        shards.prepare_fineweb(tmp_path / "f", inputs=[jsonl], shard_size=SHARD, progress=False)
+    assert not list((tmp_path / "f").glob("*.npy")) and not (tmp_path / "f" / "DONE").exists()
+
+
+def test_file_and_folder_errors_name_them_and_the_fix(tmp_path, monkeypatch):
+    latin1 = "caf\xe9 au lait".encode("latin-1")
+    for name, data in [("a.txt", latin1), ("b.jsonl", b'{"text": "ok"}\n{"text": "' + latin1 + b'"}\n'),
+                       ("c.csv", b"text\n" + latin1 + b"\n")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"^{tmp_path / name}(:2)? is not UTF-8 text .* convert"):
+            list(shards.iter_local_documents([tmp_path / name]))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'a.txt'} is not UTF-8 text .*byte 0xe9 at offset 3"):
+        shards.prepare_shakespeare(tmp_path / "s", tmp_path / "a.txt")
+    with pytest.raises(ValueError, match=rf"^input {tmp_path} is a folder: pass the files in it"):
+        shards.prepare_fineweb(tmp_path / "o", inputs=[tmp_path], shard_size=SHARD, progress=False)
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path / 'a.txt'} is a file, not a folder"):
+        shards.prepare_shakespeare(tmp_path / "a.txt")
+    with pytest.raises(OSError, match=rf"^cannot create the output folder {tmp_path / 'a.txt' / 'sub'} \(Not a"):
+        shards.prepare_shakespeare(tmp_path / "a.txt" / "sub")
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied", str(path.with_name(f".{path.name}.tmp.1226")))
+
+    monkeypatch.setattr(shards, "write_atomic", read_only)  # tests may run as root, which chmod does not stop
+    with pytest.raises(OSError, match=rf"^cannot write in the output folder {tmp_path / 'ro'} \(Permission denied\)"):
+        shards.prepare_shakespeare(tmp_path / "ro")
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+
+def test_shard_size_takes_1e8_and_refuses_sizes_that_cannot_work(tmp_path, monkeypatch, capsys):
+    def shard_size(text):
+        return prepare_data.parse_args(["fineweb", "--out", "x", "--shard_size", text]).shard_size
+
+    assert shard_size("1e8") == shard_size("100_000_000") == 100_000_000 and shard_size("1000") == 1000
+    for text in ["999", "1e2", "1500.5", "lots", "inf"]:
+        with pytest.raises(SystemExit):
+            shard_size(text)
+        assert "--shard_size" in capsys.readouterr().err
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^--shard_size 1,000,000,000,000,000 needs a buffer of 2000000.0 GB"):
+        shards.prepare_fineweb(out, inputs=[tmp_path], shard_size=10**15, progress=False)
+    assert not out.exists()  # refused before meta.json
+
+    physical = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 250_000}  # 1 GB, where overcommit would not say so
+    monkeypatch.setattr(shards.os, "sysconf", physical.__getitem__)
+    with pytest.raises(ValueError, match=r"^--shard_size 600,000,000 needs .* more than this machine's 1.0 GB"):
+        shards.shard_buffer(600_000_000)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(shards.np, "empty", no_memory)
+    with pytest.raises(ValueError, match=r"^--shard_size 10,000 needs .* could not be allocated: use a smaller"):
+        shards.shard_buffer(10_000)
+
+
+def test_workers_must_be_positive(capsys):
+    for workers in ["0", "-2", "two"]:
+        with pytest.raises(SystemExit):
+            prepare_data.parse_args(["fineweb", "--out", "x", "--workers", workers])
+        assert "--workers" in capsys.readouterr().err
+    assert prepare_data.parse_args(["fineweb", "--out", "x", "--workers", "3"]).workers == 3
+
+
+def test_an_input_of_the_same_name_and_size_but_other_content_is_refused(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "the first version of this document"}\n' * 50)
+    out = tmp_path / "out"
+    shards.prepare_fineweb(out, inputs=[docs], shard_size=50, workers=1, progress=False)
+    docs.write_text('{"text": "the other version of this document"}\n' * 50)  # same name, same size
+    with pytest.raises(ValueError, match=r"holds shards made with other settings \(fingerprint: 'sha256:"):
+        shards.prepare_fineweb(out, inputs=[docs], shard_size=50, workers=1, progress=False)
+    # a folder an older version prepared has no fingerprint in meta.json: still accepted
+    docs.write_text('{"text": "the first version of this document"}\n' * 50)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}))
+    shards.prepare_fineweb(out, inputs=[docs], shard_size=50, workers=1, progress=False)
+    assert json.loads((out / "meta.json").read_text()) == meta
+
+
+def test_a_damaged_progress_json_costs_only_itself(fineweb, tmp_path):
+    path, _ = fineweb
+    reference = shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in shard_files(tmp_path)}
+    (tmp_path / "DONE").unlink()
+    for damage in ["{}", '{"next_index": 3', "[1, 2]"]:
+        (tmp_path / "progress.json").write_text(damage)
+        with pytest.raises(ValueError, match=r"progress.json is damaged \(.*\); .*: delete it and run the same "
+                                             r"prepare_data.py command again: it keeps the shards"):
+            shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False)
+    # the advice holds: without progress.json the rerun finds every shard there and rewrites none
+    (tmp_path / "progress.json").unlink()
+    assert shards.prepare_fineweb(tmp_path, inputs=[path], shard_size=SHARD, workers=1, progress=False) == reference
+    assert {p.name: p.stat().st_mtime_ns for p in shard_files(tmp_path)} == before
