@@ -5,15 +5,16 @@
     python eval_hellaswag.py --model ./my_hf_dir --data hellaswag_val.jsonl --limit 500 --device cpu
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --checkpoint log/model_19072.pt --out hs.json
 
-Prints {"acc", "acc_norm", "n", "cropped", "style", "model"} and writes it to --out. cropped counts the
-examples with an ending longer than the model's block_size, scored on its first block_size tokens only
-(0 for GPT-2; a line on stderr says so when it is not).
+Prints {"acc", "acc_norm", "n", "cropped", "style", "model", "kernels", "dtype"} and writes it to --out.
+cropped counts the examples with an ending longer than the model's block_size, scored on its first block_size
+tokens only (0 for GPT-2; a line on stderr says so when it is not). Ctrl-C (or SIGTERM) stops with a line that
+says how far the scoring got and its acc_norm so far, exit code 130 (SIGTERM: 143); --out is then not written.
 """
 import argparse
 import dataclasses
 import sys
 
-from gpt2.hellaswag import STYLES, EvalConfig, run
+from gpt2.hellaswag import STYLES, EvalConfig, Interrupted, run
 from gpt2.ops import KernelsError
 from gpt2.runtime import DTYPES
 
@@ -44,9 +45,17 @@ def main(argv=None) -> dict:
     return run(parse_args(argv))
 
 
-def cli() -> int:
+def cli(argv=None) -> int:
+    config = parse_args(argv)
     try:
-        main()
+        run(config)
+    except Interrupted as stop:  # Ctrl-C or SIGTERM: how far it got, in one line from rank 0, not a traceback
+        if stop.rank == 0:
+            print(f"{stop}{' (--out not written)' if config.out else ''}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # before run() took the signals over
+        print(f"interrupted before the scoring began{' (--out not written)' if config.out else ''}", file=sys.stderr)
+        return 130
     except (KernelsError, ValueError, FileNotFoundError, RuntimeError) as err:  # bad input: a message, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,19 +33,22 @@ block_size 64, 350 of the 10,042 (148 in harness style); with GPT-2's 1024, none
 
 train.py calls `evaluate` on every rank (it all-reduces the counts); eval_hellaswag.py calls `run`.
 """
+import contextlib
 import json
 import os
 import pathlib
 import re
+import signal
 import sys
 import tempfile
+import threading
 import urllib.request
 from dataclasses import dataclass
 
 import torch
 
 from gpt2.runtime import all_reduce_sum, autocast, init_distributed, shutdown_distributed
-from gpt2.tokenizer import check_vocab, encode
+from gpt2.tokenizer import check_vocab, encode, get_encoding
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 STYLE_KEYS = {  # what each style reads of an example
@@ -91,16 +94,30 @@ def load_examples(path: str | None = None, limit: int | None = None, local_flag:
     downloaded when path is None (local_flag: see download). Each is checked for what `style` reads."""
     check_style(style)
     path = pathlib.Path(path) if path else download(local_flag=local_flag)
+    if path.is_dir():
+        raise FileNotFoundError(f"HellaSwag file {path} is a folder; give the hellaswag_val.jsonl file itself")
     if not path.is_file():
         raise FileNotFoundError(f"HellaSwag file {path} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
+            where = f"{path}:{lineno}"
+            line = decode_line(raw, where)
             if line.strip():
-                examples.append(parse_example(line, f"{path}:{lineno}", style))
+                examples.append(parse_example(line, where, style))
+    if not examples:  # else an empty file would score 0.0 on n=0 and look like a result
+        raise ValueError(f"{path} holds no HellaSwag examples; expected hellaswag_val.jsonl, one JSON object a line")
     return examples
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                         "expected a line of HellaSwag's hellaswag_val.jsonl") from None
 
 
 def parse_example(line: str, where: str, style: str = "completion") -> dict:
@@ -255,7 +272,8 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
 
     progress: True for a progress bar, or a function called with the examples done on this rank after each
     batch. Returns {"acc", "acc_norm", "n", "correct", "correct_norm", "cropped"} over all ranks; cropped counts
-    the examples with an ending longer than block_size, scored on its first block_size tokens only.
+    the examples with an ending longer than block_size, scored on its first block_size tokens only. Ctrl-C
+    (KeyboardInterrupt) raises Interrupted, which holds this rank's counts so far.
     """
     check_style(style)
     shard = examples[rank::world_size]
@@ -266,26 +284,83 @@ def evaluate(model, examples: list[dict], device, style: str = "completion", bat
     if progress is True:
         from tqdm import tqdm
         bar = tqdm(total=len(shard), desc=f"hellaswag ({style})", unit="ex", dynamic_ncols=True)
-    for start in range(0, len(shard), batch_size):
-        rendered = [render(example, style) for example in shard[start:start + batch_size]]
-        counts[3] += sum(any(len(e) > block_size for e in r.endings) for r in rendered)
-        rendered = [crop_endings(r, block_size) for r in rendered]
-        ll = loglikelihoods(model, rendered, device, autocast_dtype, rows)                    # (b, 4)
-        labels = torch.tensor([r.label for r in rendered])
-        norms = torch.tensor([r.norms for r in rendered], dtype=torch.float64)            # (b, 4)
-        counts[0] += len(rendered)
-        counts[1] += (ll.argmax(dim=1) == labels).sum()
-        counts[2] += ((ll / norms).argmax(dim=1) == labels).sum()
+    try:
+        for start in range(0, len(shard), batch_size):
+            rendered = [render(example, style) for example in shard[start:start + batch_size]]
+            cropped = sum(any(len(e) > block_size for e in r.endings) for r in rendered)
+            rendered = [crop_endings(r, block_size) for r in rendered]
+            ll = loglikelihoods(model, rendered, device, autocast_dtype, rows)                # (b, 4)
+            labels = torch.tensor([r.label for r in rendered])
+            norms = torch.tensor([r.norms for r in rendered], dtype=torch.float64)        # (b, 4)
+            right, right_norm = (ll.argmax(dim=1) == labels).sum(), ((ll / norms).argmax(dim=1) == labels).sum()
+            # one add: a signal lands before or after it, so that the counts stay a whole number of batches
+            counts += torch.stack([torch.tensor(len(rendered)), right, right_norm, torch.tensor(cropped)])
+            if bar is not None:
+                bar.update(len(rendered))
+                bar.set_postfix(acc_norm=f"{counts[2].item() / counts[0].item():.4f}")
+            elif callable(progress):
+                progress(int(counts[0]))
+    except KeyboardInterrupt as err:  # this rank's counts so far become the message
+        raise Interrupted(getattr(err, "signum", signal.SIGINT), rank, world_size, int(counts[0]), len(shard),
+                          int(counts[2])) from None
+    finally:
         if bar is not None:
-            bar.update(len(rendered))
-            bar.set_postfix(acc_norm=f"{counts[2].item() / counts[0].item():.4f}")
-        elif callable(progress):
-            progress(int(counts[0]))
-    if bar is not None:
-        bar.close()
+            bar.close()  # its last line stays on screen, and the next message starts on a line of its own
     n, correct, correct_norm, cropped = all_reduce_sum(counts.to(device)).tolist()
-    return {"acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1), "n": n,
+    if n == 0:  # 0 / 0: no accuracy to report
+        raise ValueError("no HellaSwag examples to score")
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n,
             "correct": correct, "correct_norm": correct_norm, "cropped": cropped}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), or SIGTERM inside `signals_interrupt`, stopped a HellaSwag evaluation. done of total:
+    the examples scored on this rank (done None: stopped before the scoring began), correct_norm of them right
+    by acc_norm. exit_code is 128 + the signal's number, as a shell reports a process that a signal ended."""
+
+    def __init__(self, signum: int, rank: int = 0, world_size: int = 1, done: int | None = None,
+                 total: int | None = None, correct_norm: int = 0):
+        self.signum, self.rank, self.world_size = signum, rank, world_size
+        self.done, self.total, self.correct_norm = done, total, correct_norm
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def describe(self) -> str:
+        name = "interrupted" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
+        if self.done is None:
+            return f"{name} before the scoring began"
+        share = f"rank {self.rank}'s " if self.world_size > 1 else ""  # the other ranks' counts are out of reach
+        so_far = f": acc_norm {self.correct_norm / self.done:.4f} so far" if self.done else ""
+        return f"{name} after {self.done} of {share}{self.total} examples{so_far}"
+
+
+@contextlib.contextmanager
+def signals_interrupt(rank: int = 0):
+    """SIGINT and SIGTERM raise Interrupted inside the block (SIGTERM would end the process without a word,
+    and Ctrl-C with a traceback). Outside the main thread, where signal.signal cannot be called, nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        for sig, handler in previous.items():  # a second signal acts as it did before: stops at once
+            signal.signal(sig, handler)
+        raise Interrupted(signum, rank)
+
+    # a signal ignored at the start (a background job's SIGINT) stays ignored
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None)}  # None: set outside Python
+    for sig in previous:
+        signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _unwrap(model):
@@ -309,7 +384,7 @@ class EvalConfig:
     dtype: str = "float32"            # autocast dtype of the forward pass
     kernels: str = "torch"
     compile: bool = False
-    out: str | None = None            # JSON file for {"acc", "acc_norm", "n", "cropped", "style", "model"}
+    out: str | None = None            # JSON file for run's summary
 
     def __post_init__(self):
         for flag in ("limit", "batch_size"):  # limit None: every example
@@ -335,12 +410,20 @@ def load_model(config: EvalConfig, device):
     return model
 
 
-def check_out(out: str) -> None:
-    """Refuse an --out that could not be written, before the evaluation rather than after it. Its folder is
-    created here when missing, as the write used to do."""
+def check_out(out: str, data: str | None = None) -> None:
+    """Refuse an --out that could not be written, or that is the HellaSwag file `data` (None: the downloaded
+    copy), before the evaluation rather than after it. Its folder is created here when missing, as the write
+    used to do."""
     path = pathlib.Path(out)
     if path.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name for the JSON result")
+    data_path = pathlib.Path(data) if data else cache_dir() / URL.rsplit("/", 1)[-1]
+    if path.exists() and data_path.exists() and os.path.samefile(path, data_path):
+        raise ValueError(f"--out {out} is the HellaSwag file {data_path} that is scored; the result would "
+                         "overwrite it: give another file name")
+    not_a_folder = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if not_a_folder is not None:
+        raise ValueError(f"--out {out}: {not_a_folder} is a file, not a folder; give a path in a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -349,30 +432,48 @@ def check_out(out: str) -> None:
         raise ValueError(f"--out {out} is not writable")
 
 
+def check_bpe() -> None:
+    """Load the GPT-2 BPE now, before the model: a machine without it learns so at once, in one line."""
+    get_encoding()
+
+
 def run(config: EvalConfig) -> dict:
-    """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary."""
+    """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary.
+    Ctrl-C or SIGTERM: Interrupted, and --out is not written."""
     if config.out:
-        check_out(config.out)  # on every rank, before any collective, so that all of them stop alike
+        check_out(config.out, config.data)  # on every rank, before any collective, so that all of them stop alike
     ddp, device = init_distributed(config.device)
     try:
-        # a bad file fails before the model loads
-        examples = load_examples(config.data, config.limit, style=config.style)
-        model = load_model(config, device)
-        if config.compile:
-            # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes
-            model = torch.compile(model, dynamic=False)
-        result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,
-                          ddp.world_size, config.dtype, progress=ddp.is_main)
-        summary = {"acc": result["acc"], "acc_norm": result["acc_norm"], "n": result["n"],
-                   "cropped": result["cropped"], "style": config.style, "model": config.model or config.checkpoint}
-        if ddp.is_main:
-            print(json.dumps(summary))
-            if result["cropped"]:
-                block_size = _unwrap(model).config.block_size
-                print(f"note: {result['cropped']} of {result['n']} examples have an ending longer than the model's "
-                      f"block_size={block_size}; it was scored on its first {block_size} tokens", file=sys.stderr)
-            if config.out:
-                pathlib.Path(config.out).write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        with signals_interrupt(ddp.rank):
+            return score(config, ddp, device)
     finally:
         shutdown_distributed()
+
+
+def score(config: EvalConfig, ddp, device) -> dict:
+    """run's work inside its process group and signal handlers."""
+    # a bad file or a missing BPE fails before the model loads
+    examples = load_examples(config.data, config.limit, style=config.style)
+    check_bpe()
+    model = load_model(config, device)
+    ops = model.ops
+    if ops.interpreted and ddp.is_main:  # the trainer's first line says the same
+        print(f"note: kernels={ops.spec} (in the Triton interpreter: slow, for checking; --kernels torch is "
+              "much faster)", file=sys.stderr)
+    if config.compile:
+        # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes
+        model = torch.compile(model, dynamic=False)
+    result = evaluate(model, examples, device, config.style, config.batch_size, ddp.rank,
+                      ddp.world_size, config.dtype, progress=ddp.is_main)
+    summary = {"acc": result["acc"], "acc_norm": result["acc_norm"], "n": result["n"],
+               "cropped": result["cropped"], "style": config.style, "model": config.model or config.checkpoint,
+               "kernels": ops.spec, "dtype": config.dtype}
+    if ddp.is_main:
+        print(json.dumps(summary))
+        if result["cropped"]:
+            block_size = _unwrap(model).config.block_size
+            print(f"note: {result['cropped']} of {result['n']} examples have an ending longer than the model's "
+                  f"block_size={block_size}; it was scored on its first {block_size} tokens", file=sys.stderr)
+        if config.out:
+            pathlib.Path(config.out).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

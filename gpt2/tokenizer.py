@@ -1,11 +1,12 @@
 """The GPT-2 BPE through tiktoken.
 
 tiktoken downloads the BPE files on first use and caches them. Offline, point TIKTOKEN_CACHE_DIR at a
-folder that holds the cached files (this repository's CI uses ../shared/data/tiktoken_cache). Training
+folder that holds the cached files (copied from a machine that downloaded them). Training
 needs no BPE (it reads token shards, and the default data ships tokenized); preparing other text,
 sampling and HellaSwag do. The files are not shipped: only the default run's text is.
 """
 import functools
+import os
 
 ENCODING_NAME = "gpt2"  # tiktoken's name for it, recorded in every data folder's meta.json
 EOT_TOKEN = 50256       # <|endoftext|>, which also separates documents in the token shards
@@ -20,10 +21,12 @@ def get_encoding():
     try:
         return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:  # tiktoken raises requests/urllib errors of several kinds when offline
+        first = (str(err).splitlines() or [""])[0]  # a ConnectionError's text runs to 300 characters
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
         raise RuntimeError(
-            "could not load the GPT-2 BPE for tiktoken "
-            f"({type(err).__name__}: {err}). Offline, set TIKTOKEN_CACHE_DIR to a folder holding "
-            "tiktoken's cached GPT-2 files (for example ../shared/data/tiktoken_cache)."
+            f"could not load the GPT-2 BPE ({type(err).__name__}: {first[:60]}{'...' if len(first) > 60 else ''}): "
+            f"set TIKTOKEN_CACHE_DIR{f' (now {cache})' if cache else ''} to a folder holding tiktoken's cached "
+            "GPT-2 files, or run once with network"
         ) from None
 
 

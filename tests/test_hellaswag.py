@@ -6,6 +6,7 @@ float64, written from the two styles' definitions; our batched, padded, sharded 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -152,7 +153,8 @@ def test_cli_one_rank_and_two_ranks_agree(hf_dir, data_file, tmp_path):
              "--device", "cpu", "--kernels", "torch", "--style", "harness"]
     one = eval_hellaswag.main(flags + ["--out", str(tmp_path / "one.json")])
     assert json.loads((tmp_path / "one.json").read_text()) == one
-    assert set(one) == {"acc", "acc_norm", "n", "cropped", "style", "model"} and one["n"] == 9
+    assert set(one) == {"acc", "acc_norm", "n", "cropped", "style", "model", "kernels", "dtype"} and one["n"] == 9
+    assert (one["kernels"], one["dtype"]) == ("torch", "float32")
     assert one["cropped"] == 0  # n_positions 256: every ending fits
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -243,7 +245,9 @@ def test_cli_triton_kernels_without_a_gpu_run_in_the_interpreter(tmp_path):
            "--kernels", "triton", "--out", str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "out.json").read_text())["n"] == 2
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert (result["n"], result["kernels"], result["dtype"]) == (2, "triton", "float32")
+    assert "note: kernels=triton (in the Triton interpreter: slow, for checking" in proc.stderr  # as the trainer says
 
 
 def test_a_model_with_fewer_ids_than_the_bpe_is_refused(tmp_path):
@@ -364,3 +368,113 @@ def test_a_bad_out_is_refused_before_the_evaluation(tmp_path, monkeypatch, capsy
     assert eval_hellaswag.cli() == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out {out}") and err.count("\n") == 1, err
+
+
+# -------------------------------------------------------------------------------------------------
+# what the command line says when it stops early or is given the wrong thing
+
+def never_evaluated(*args, **kwargs):
+    pytest.fail("evaluated although the input was refused")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_scoring_says_how_far_it_got(hf_dir, data_file, tmp_path, monkeypatch, capsys, signum):
+    """A real signal at the third batch of 2: one line with the 4 examples scored and their acc_norm, exit code
+    128 + the signal, the old --out kept, and the handlers given back."""
+    flags = ["--model", str(hf_dir), "--data", str(data_file), "--batch_size", "2", "--device", "cpu"]
+    want = eval_hellaswag.main(flags + ["--limit", "4"])["acc_norm"]
+    out = tmp_path / "hs.json"
+    out.write_text("the last result\n")
+    real, calls = hellaswag.loglikelihoods, []
+
+    def signalled_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "loglikelihoods", signalled_at_the_third_batch)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    capsys.readouterr()
+    assert eval_hellaswag.cli(flags + ["--limit", "10", "--out", str(out)]) == 128 + signum
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    name = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert last == f"{name} after 4 of 10 examples: acc_norm {want:.4f} so far (--out not written)"
+    assert out.read_text() == "the last result\n"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\n"])
+def test_a_file_without_examples_is_refused(text, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "hs.jsonl"
+    data.write_text(text)
+    monkeypatch.setattr(hellaswag, "evaluate", never_evaluated)
+    out = tmp_path / "hs.json"
+    assert eval_hellaswag.cli(["--model", str(tmp_path / "no_model"), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {data} holds no HellaSwag examples")
+    assert not out.exists()
+
+
+def test_evaluate_refuses_no_examples():
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16, kernels="torch"))
+    with pytest.raises(ValueError, match="no HellaSwag examples to score"):  # not acc 0.0 of n=0
+        hellaswag.evaluate(model, [], "cpu")
+
+
+def test_a_missing_bpe_is_said_before_the_model_loads_in_one_short_line(tmp_path, monkeypatch, capsys):
+    import tiktoken
+
+    from gpt2 import tokenizer
+
+    def offline(name):  # what tiktoken raises offline with an empty TIKTOKEN_CACHE_DIR (about 300 characters)
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max "
+                              "retries exceeded with url: /gpt-2/encodings/main/vocab.bpe " + "(Caused by ...)" * 20)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hellaswag, "load_model", lambda *args: pytest.fail("the model loaded before the BPE"))
+    tokenizer.get_encoding.cache_clear()
+    try:
+        code = eval_hellaswag.cli(["--model", "gpt2", "--data", str(write_forced(tmp_path / "hs.jsonl"))])
+    finally:
+        tokenizer.get_encoding.cache_clear()  # the next test loads the real one again
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(err) - len(str(tmp_path)) < 250, err
+    assert err.startswith("error: could not load the GPT-2 BPE (ConnectionError: HTTPSConnectionPool")
+    assert f"set TIKTOKEN_CACHE_DIR (now {tmp_path}) to a folder holding tiktoken's cached GPT-2 files" in err
+
+
+@pytest.mark.parametrize("spelling", ["same", "another spelling", "a link"])
+def test_an_out_that_is_the_data_file_is_refused(tmp_path, monkeypatch, capsys, spelling):
+    data = write_forced(tmp_path / "hs.jsonl")
+    before = data.read_text()
+    out = {"same": data, "another spelling": tmp_path / "." / ".." / tmp_path.name / "hs.jsonl",
+           "a link": tmp_path / "link.jsonl"}[spelling]
+    if spelling == "a link":
+        out.symlink_to(data)
+    monkeypatch.setattr(hellaswag, "evaluate", never_evaluated)
+    assert eval_hellaswag.cli(["--model", str(tmp_path / "no_model"), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out} is the HellaSwag file {data} that is scored; the result "
+                                       "would overwrite it: give another file name\n")
+    assert data.read_text() == before
+
+
+@pytest.mark.parametrize("case", ["data is a folder", "data is not UTF-8", "out's folder is a file"])
+def test_wrong_paths_are_named_for_what_they_are(tmp_path, monkeypatch, capsys, case):
+    good = write_forced(tmp_path / "hs.jsonl")
+    (tmp_path / "file").write_text("")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(good.read_bytes() + json.dumps(GOOD).replace("man", "m\u00e4n").encode("latin-1") + b"\n")
+    data, out, message = {
+        "data is a folder": (tmp_path, None, f"HellaSwag file {tmp_path} is a folder; give the hellaswag_val.jsonl "
+                                             "file itself"),
+        "data is not UTF-8": (latin1, None, f"{latin1}:3: not UTF-8 text (byte 0xe4 at column "),
+        "out's folder is a file": (good, tmp_path / "file" / "hs.json",
+                                   f"--out {tmp_path / 'file' / 'hs.json'}: {tmp_path / 'file'} is a file, not a "
+                                   "folder"),
+    }[case]
+    monkeypatch.setattr(hellaswag, "evaluate", never_evaluated)
+    flags = ["--model", str(tmp_path / "no_model"), "--data", str(data)] + (["--out", str(out)] if out else [])
+    assert eval_hellaswag.cli(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
