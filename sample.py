@@ -52,8 +52,7 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         model = load(args, device)
         if model.ops.interpreted:
-            print(f"--kernels {args.kernels}: without CUDA the Triton kernels run in the Triton interpreter "
-                  "(slow, for checking)", file=sys.stderr)
+            print(f"note: {model.ops.describe()}; --kernels torch is much faster", file=sys.stderr)
         texts = sample_text(model, args.prompt, args.num_samples, args.max_new_tokens, args.top_k,
                             args.temperature, args.seed, device, args.dtype)
     except (KernelsError, ValueError, RuntimeError, FileNotFoundError) as err:

@@ -458,8 +458,7 @@ def score(config: EvalConfig, ddp, device) -> dict:
     model = load_model(config, device)
     ops = model.ops
     if ops.interpreted and ddp.is_main:  # the trainer's first line says the same
-        print(f"note: kernels={ops.spec} (in the Triton interpreter: slow, for checking; --kernels torch is "
-              "much faster)", file=sys.stderr)
+        print(f"note: {ops.describe()}; --kernels torch is much faster", file=sys.stderr)
     if config.compile:
         # static shapes: evaluate pads every batch of a compiled model to one of a few (rows, T) shapes
         model = torch.compile(model, dynamic=False)

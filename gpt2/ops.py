@@ -113,6 +113,12 @@ class OpSet:
             return "triton"
         return ",".join(name for name in OP_NAMES if name in self.on_triton)
 
+    def describe(self) -> str:
+        """kernels=<spec>, and how they run where that matters: what a script's first line says."""
+        notes = ", in the Triton interpreter: slow, for checking" if self.interpreted else ""
+        notes += ", nondeterministic" if not self.deterministic else ""
+        return f"kernels={self.spec}" + (f" ({notes[2:]})" if notes else "")
+
     def __repr__(self) -> str:
         flags = (", interpreted" if self.interpreted else "") + ("" if self.deterministic else ", nondeterministic")
         return f"OpSet({self.spec!r}{flags})"

@@ -748,9 +748,7 @@ class Run:
     def run(self):
         cfg = self.cfg
         self.start_outputs()
-        notes = " (in the Triton interpreter: slow, for checking)" if self.ops.interpreted else ""
-        notes += "" if self.ops.deterministic else " nondeterministic"
-        self.print(f"kernels={self.ops.spec}{notes} device={self.device} dtype={self.dtype} compile={self.compile} "
+        self.print(f"{self.ops.describe()} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
         if self.resumed_at is None:

@@ -72,6 +72,7 @@ def test_triton_kernels_without_a_gpu_run_in_the_interpreter(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("Hello")
+    assert "note: kernels=triton (in the Triton interpreter: slow, for checking)" in result.stderr
 
 
 def test_padded_hf_vocabulary_is_never_sampled(tmp_path, capsys):
