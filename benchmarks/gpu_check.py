@@ -639,8 +639,8 @@ def run_sections(args, chosen, out_dir, env, records, earlier=()) -> None:
             timeout = None if args.smoke else min(left, most)
             records.append(run_section(name, children, out_dir, args.smoke, timeout))
         write_report(out_dir, env, merged(earlier, records, names), args.archive)
-        if "stopped" in records[-1]:
-            return
+        if "stopped" in records[-1]:  # the sections after it: 'the rest', not the earlier run's alone
+            raise Stopped(f"{records[-1]['stopped']} during {name}")
 
 
 if __name__ == "__main__":

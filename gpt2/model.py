@@ -246,6 +246,9 @@ class GPT(nn.Module):
                 f"could not load {name_or_dir!r} from the Hugging Face hub ({_first_line(err)}). "
                 "Offline, pass a local directory written by save_pretrained instead of a hub name."
             ) from None
+        except ValueError as err:  # transformers cannot build the model its config.json describes
+            raise ValueError(f"{name_or_dir}: its config.json describes no model transformers can build "
+                             f"({_first_line(err)})") from None
         except Exception as err:  # a damaged file: safetensors', torch's or pickle's own error
             raise LoadError(f"{name_or_dir}: its weights are damaged ({type(err).__name__}: {_first_line(err)}); "
                             "write them again with save_pretrained") from None
@@ -328,9 +331,11 @@ def _not_a_model(name: str) -> str:
     if os.path.isfile(name):
         return (f"{name} is a file: from_pretrained takes a hub name or a folder written by save_pretrained "
                 f"(a train.py checkpoint goes to sample.py and eval_hellaswag.py as --checkpoint)")
-    if os.sep in name or name.startswith("."):
+    parent = os.path.dirname(name)
+    if name.startswith((".", os.sep, "~")) or (parent and os.path.isdir(parent)):
         return f"no folder {name}"
-    return f"unknown model {name!r}: use one of {', '.join(HF_MODELS)} or a local directory written by save_pretrained"
+    return (f"unknown model {name!r}: use one of {', '.join(HF_MODELS)} (hub names without their "
+            "openai-community/ prefix) or a local directory written by save_pretrained")
 
 
 def _check_local_folder(folder: str) -> None:

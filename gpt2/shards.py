@@ -32,6 +32,7 @@ import io
 import itertools
 import json
 import lzma
+import multiprocessing
 import os
 import pathlib
 import re
@@ -188,9 +189,9 @@ def check_or_write_meta(folder: pathlib.Path, meta: dict) -> None:
                 "written by prepare_data.py. Use an empty or new --out folder."
             )
     else:
-        # a key an older version did not write is not compared: its folders stay usable (and get the key now)
+        # the fingerprint is not compared where an older version did not write it: its folders stay usable
         diff = [f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now" for k in META_KEYS
-                if k in old and old[k] != meta.get(k)]
+                if old.get(k) != meta.get(k) and (k != "fingerprint" or k in old)]
         if diff and holds_shards(folder):
             raise ValueError(
                 f"{folder} holds shards made with other settings ({'; '.join(diff)}). "
@@ -257,10 +258,10 @@ def _check_text(text, where: str) -> str:
     return text
 
 
-def check_input_file(path) -> pathlib.Path:
+def check_input_file(path, what: str = "the files in it (e.g. {folder}/*.jsonl)") -> pathlib.Path:
     path = pathlib.Path(path)
     if path.is_dir():
-        raise ValueError(f"input {path} is a folder: pass the files in it (e.g. {path / '*.jsonl'})")
+        raise ValueError(f"input {path} is a folder: pass {what.format(folder=path)}")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     return path
@@ -529,12 +530,10 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
 
 
 def _tokenizer_pool(workers: int):
-    import multiprocessing
-
-    return multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+    return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
 
 
-def _init_worker(parent_pid: int) -> None:
+def _init_worker() -> None:
     """Ctrl-C reaches the whole process group, but only the parent reacts (it stops the pool): a worker
     would print a traceback of its own. And a worker ends with its parent, even one killed by SIGKILL,
     rather than live on and print BrokenPipeError tracebacks when it hands back its results."""
@@ -542,14 +541,15 @@ def _init_worker(parent_pid: int) -> None:
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # Linux: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # elsewhere, a thread watches for the parent
-        threading.Thread(target=_exit_without_parent, args=(parent_pid,), daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the line above
+        threading.Thread(target=_exit_without_parent, daemon=True).start()
+    # the process that made the pool (not os.getppid(): under forkserver that is the server), if it died
+    # before the lines above
+    if not multiprocessing.parent_process().is_alive():
         os._exit(1)
 
 
-def _exit_without_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.2)
+def _exit_without_parent() -> None:
+    multiprocessing.parent_process().join()
     os._exit(1)
 
 
@@ -692,6 +692,8 @@ def prepare_shakespeare(out_dir, input_file=None, url=None) -> dict:
     at url (downloaded into out_dir/input.txt), or by default from the copy shipped with the package,
     whose tokens ship too: the default needs no network and no BPE. Returns the DONE content.
     """
+    if input_file is not None:
+        check_input_file(input_file, "one text file")  # before --out is made
     out_dir = make_out_dir(out_dir)
     if url is not None:
         input_file = out_dir / "input.txt"
@@ -716,7 +718,7 @@ def prepare_shakespeare(out_dir, input_file=None, url=None) -> dict:
 
 def read_text_file(path) -> str:
     """A whole UTF-8 text file; an empty or undecodable one is an error that names it."""
-    path = check_input_file(path)
+    path = check_input_file(path, "one text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:  # its message has a position but no file name

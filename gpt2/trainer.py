@@ -716,9 +716,9 @@ class Run:
         return record
 
     def diverged(self, record: dict) -> bool:
-        """The step's loss is not finite, or its grad norm is not and no GradScaler skipped the step: the
-        weights are lost from here on, so the run stops before it saves them (all ranks agree: both values
-        are all-reduced)."""
+        """The step's loss is not finite (the forward overflows), or its grad norm is not and no fp16
+        GradScaler skipped the step (the update made every weight nan): the run stops before it saves
+        anything more. All ranks agree: both values are all-reduced."""
         return not math.isfinite(record["loss"]) or (not self.scaler.is_enabled()
                                                        and not math.isfinite(record["grad_norm"]))
 

@@ -202,10 +202,37 @@ def test_gpu_check_archive_and_sections(tmp_path):
     sections = json.loads((out / "gpu_check.json").read_text())["sections"]
     assert [(s["section"], s["environment"]["command"]) for s in sections] == [
         ("tests", " ".join(["python", "benchmarks/gpu_check.py", *first_args])), ("ablation", "second")]
-    assert (out / "ceilings.json").exists(), "a run without kernel sections discarded the measured ceilings"
     bad = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--sections", "steps"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--sections: unknown steps" in bad.stderr
+
+
+def test_gpu_check_discards_the_ceilings_only_before_a_section_that_measures_them(tmp_path, monkeypatch):
+    """ceilings.json (the device's copy and matmul ceilings) outlives a run without kernel sections, and a
+    run that has some measures it again once, in its first kernel section; a stop during a section says
+    the sections after it did not run."""
+    import argparse
+
+    gpu_check = gpu_check_module()
+    stub = [("steps", 1, 10, [["steps", "16", "torch"]]), ("kernels", 1, 10, [["kernel", "layernorm"]]),
+            ("kernels-rest", 1, 10, [["kernel", "gelu"]]), ("last", 1, 10, [["steps", "16", "torch"]])]
+    monkeypatch.setattr(gpu_check, "sections", lambda smoke: stub)
+    ceilings, seen = tmp_path / gpu_check.CEILINGS, []
+
+    def run_section(name, children, out_dir, smoke, timeout):
+        seen.append((name, ceilings.exists()))
+        ceilings.write_text("{}")  # what a kernel section's first benchmark leaves
+        return {"section": name, "result": [], **({"stopped": "SIGTERM"} if name == "kernels-rest" else {})}
+
+    monkeypatch.setattr(gpu_check, "run_section", run_section)
+    args = argparse.Namespace(smoke=False, budget=100.0, archive=None)
+    ceilings.write_text("{}")
+    gpu_check.run_sections(args, ["steps"], tmp_path, {}, [])
+    assert seen == [("steps", True)]
+    seen.clear()
+    with pytest.raises(gpu_check.Stopped, match="SIGTERM during kernels-rest"):
+        gpu_check.run_sections(args, [name for name, *_ in stub], tmp_path, {}, [])
+    assert seen == [("steps", True), ("kernels", False), ("kernels-rest", True)]
 
 
 def test_gpu_check_merge_keeps_measurements_a_skip_would_replace():

@@ -171,9 +171,10 @@ def test_add_layer_norm_with_only_y_used(delta_dtype, path, device, monkeypatch,
     ref = run(lambda x, d, w, b: torch_add_layer_norm(x, d, w, b)[1], as_f64(inputs), grads)
     assert ds_given == [None], "the unused sum's gradient reached the kernel"
     assert got[2].dtype == delta_dtype
+    tolerance = 1e-3 if delta_dtype == torch.float16 else 1e-4  # ddelta rounded to fp16
     for name, g, r in zip(["y", "dx", "ddelta", "dweight", "dbias"], got, ref):
         err = (g.double() - r).abs().max().item()
-        assert err < 1e-3 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
+        assert err < tolerance * max(1.0, r.abs().max().item()), f"{name}: max error {err:.3e}"
 
 
 @pytest.mark.parametrize("path", ["eager", "compile"])

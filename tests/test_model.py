@@ -1,4 +1,5 @@
 """The model against independent references: hand-written float64 math, and Hugging Face's GPT-2."""
+import json
 import math
 import pathlib
 
@@ -215,6 +216,8 @@ def test_from_pretrained_errors(tmp_path):
         GPT.from_pretrained("gpt3")
     with pytest.raises(ValueError, match="no folder"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown model 'openai-community/gpt2': .* without their openai-community/"):
+        GPT.from_pretrained("openai-community/gpt2")
     (tmp_path / "ckpt_000010.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file: .* as --checkpoint"):
         GPT.from_pretrained(str(tmp_path / "ckpt_000010.pt"))
@@ -264,6 +267,11 @@ def test_from_pretrained_refuses_other_models_and_damaged_weights(tmp_path):
     weights.unlink()
     with pytest.raises(LoadError, match=f"could not read the weights in {damaged}"):
         GPT.from_pretrained(damaged)
+    unbuildable = save_small_hf(tmp_path / "unbuildable")
+    config = json.loads((tmp_path / "unbuildable" / "config.json").read_text())
+    (tmp_path / "unbuildable" / "config.json").write_text(json.dumps({**config, "n_head": 3}))  # 16 % 3 != 0
+    with pytest.raises(ValueError, match="its config.json describes no model transformers can build"):
+        GPT.from_pretrained(unbuildable)
 
 
 def test_save_pretrained_to_a_file_is_an_error(tmp_path):

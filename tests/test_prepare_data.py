@@ -421,6 +421,28 @@ def test_pool_workers_end_with_their_parent(tmp_path):
     wait_for(lambda: not any(map(running, workers)), "the workers to end", timeout=5)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_pool_workers_start_under_every_start_method(tmp_path, start_method):
+    """Under forkserver a worker's parent process is the server, not the producer: a worker that took the
+    server for a dead producer would exit at once, and the pool would start workers forever."""
+    import subprocess
+
+    from conftest import REPO
+
+    code = ("import multiprocessing\n"
+            "if __name__ == '__main__':\n"
+            f"    multiprocessing.set_start_method({start_method!r})\n"
+            "    from gpt2.shards import write_shards\n"
+            "    texts = [f'document {i} ' * 20 for i in range(300)]\n"
+            f"    done = write_shards(texts, {str(tmp_path)!r}, 'pool', 2000, source='test', workers=2, progress=False)\n"
+            "    print(len(done['shards']['train']))\n")
+    script = tmp_path / "pool.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and int(result.stdout) > 1, result.stderr[-2000:]
+
+
 def running(pid):
     """Alive and not a zombie (an orphan waits as one until its new parent reaps it)."""
     try:
