@@ -432,11 +432,6 @@ def check_out(out: str, data: str | None = None) -> None:
         raise ValueError(f"--out {out} is not writable")
 
 
-def check_bpe() -> None:
-    """Load the GPT-2 BPE now, before the model: a machine without it learns so at once, in one line."""
-    get_encoding()
-
-
 def run(config: EvalConfig) -> dict:
     """Score a model on HellaSwag, sharded over torchrun's ranks; rank 0 prints and writes the summary.
     Ctrl-C or SIGTERM: Interrupted, and --out is not written."""
@@ -454,7 +449,7 @@ def score(config: EvalConfig, ddp, device) -> dict:
     """run's work inside its process group and signal handlers."""
     # a bad file or a missing BPE fails before the model loads
     examples = load_examples(config.data, config.limit, style=config.style)
-    check_bpe()
+    get_encoding()
     model = load_model(config, device)
     ops = model.ops
     if ops.interpreted and ddp.is_main:  # the trainer's first line says the same

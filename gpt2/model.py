@@ -262,18 +262,10 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size,
                            n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
         model = cls(config, ops)
-        ours = model.state_dict()
-        theirs = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        missing = set(ours) - set(theirs)
-        if missing:
-            raise ValueError(f"{name_or_dir}: checkpoint lacks {sorted(missing)[:5]}")
+        theirs = hf.state_dict()  # every tensor filled from the weights, in its config's shape (_check_loading)
         with torch.no_grad():
-            for key, target in ours.items():
-                source = theirs[key].t() if key.endswith(HF_TRANSPOSED) else theirs[key]
-                if source.shape != target.shape:
-                    raise ValueError(f"{name_or_dir}: {key} is {tuple(source.shape)} in the weights but "
-                                     f"{tuple(target.shape)} by its config.json: the directory is inconsistent")
-                target.copy_(source)
+            for key, target in model.state_dict().items():
+                target.copy_(theirs[key].t() if key.endswith(HF_TRANSPOSED) else theirs[key])
         return model
 
     def save_pretrained(self, directory: str) -> None:
