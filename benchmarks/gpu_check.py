@@ -75,6 +75,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
+from gpt2.files import write_atomic  # noqa: E402  (no torch: the parent stays light)
+
 CORE = ("torch", "torch+compile", "triton", "triton+compile")
 ATOMIC = "triton+compile+atomic"
 KERNELS = ("layernorm", "add_layernorm", "add_layernorm_model", "attention")  # issue 14's figures, first
@@ -273,10 +275,8 @@ def device_ceilings(device, out_dir: pathlib.Path) -> dict:
 
 
 def write_whole(path: pathlib.Path, text: str) -> None:
-    """text at path, written beside it, then renamed: never half written, should the time run out."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    """text at path, never half written, should the time run out."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _tune_afresh(tuners) -> None:
