@@ -22,6 +22,7 @@ checked against the programs it launches on each, at the four GPT-2 widths.
 """
 import argparse
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -89,16 +90,17 @@ def record_atomic_attention() -> None:
 
 def record_layer_norm_widths() -> None:
     """The fused add + LayerNorm at the other GPT-2 widths (C = 1024, 1280, 1600; the step has 768) with
-    the model's dtypes: fp32 residual, bf16 sublayer output, bf16 autocast."""
+    the model's dtypes: fp32 residual, bf16 sublayer output, bf16 autocast; as a block calls it (the sum
+    goes on) and as the final LayerNorm does (its sum is discarded: a backward without ds)."""
     from kernels import add_layer_norm
 
-    for C in (1024, 1280, 1600):
+    for C, sum_used in itertools.product((1024, 1280, 1600), (True, False)):
         x = torch.randn(8, C, requires_grad=True)
         delta = torch.randn(8, C, dtype=torch.bfloat16, requires_grad=True)
         weight, bias = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s, y = add_layer_norm(x, delta, weight, bias)
-        (s.sum() + y.float().sum()).backward()
+        (y.float().sum() + (s.sum() if sum_used else 0)).backward()
 
 
 def autotuning_candidates(src, options) -> list:

@@ -29,6 +29,13 @@ fp32 by a fixed grid of persistent programs, one partial row per program, then t
 by torch.sum: parallel, and deterministic run to run (no atomics). Fast up to C = 8192; C is limited to
 rowwise.MAX_COLS (16384). Rows are read contiguous (a strided input is copied first); weight and bias
 are 1-D of length C, bias may be None. No double backward.
+
+Not done, on static evidence (compiled for sm_90, the model's dtypes): software-pipelining the backward's
+row loop, `tl.range(..., num_stages=3)`, makes its loads cp.async copies of the next two tiles into
+shared memory (25 to 45 KB a program), so that a program's next rows are in flight while it reduces
+the current ones. At C = 768 and 1024 it stays at 112 to 128 registers (Triton 3.6 and 3.9): 4 programs
+still fit a multiprocessor. At C = 1280 and 1600 it takes 150 to 179, so 3 fit. Whether the prefetch
+beats the loop as it is (4 programs a multiprocessor, each waiting on its own loads) is for a GPU to say.
 """
 import torch
 import triton
@@ -113,9 +120,11 @@ def _layer_norm_bwd_kernel(
         dx = (g - c_one[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        # ddelta first: stored after dx, without HAS_DS, Triton 3.6 took 142 registers at C = 1280 and 1600,
+        # so 3 programs of the persistent grid's 4 fit a multiprocessor (two waves); this order takes 128
         if HAS_DDELTA:
             tl.store(DDELTA + offsets, dx.to(DDELTA.dtype.element_ty), mask=mask)
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
     tl.store(PARTIAL + pid * n_cols + cols, dw, mask=col_mask)
