@@ -21,7 +21,7 @@ TILE_ELEMENTS = 2048   # elements a program keeps per live tensor: short rows ar
 MAX_WARPS = 16
 REGISTERS_PER_SM = 65536   # sm_80 and sm_90
 # Registers a thread of the LayerNorm backward takes at most, compiled for sm_90 at the four GPT-2 widths
-# with the model's dtypes and torch.compile's scalar types, by Triton 3.6 and 3.9 (110 to 128; 16 elements
+# with the model's dtypes and torch.compile's scalar types, by Triton 3.6 and 3.9 (96 to 128; 16 elements
 # a thread per live tensor). Wider rows keep 16 a thread on more warps and are assumed to take as many.
 BACKWARD_REGISTERS = 128
 
@@ -48,7 +48,7 @@ def _row_config(n_cols: int) -> RowConfig:  # cached: it is on the host path of 
     # 16 elements a thread per live tensor, in 2048-element tiles (2 rows of C = 768 on 4 warps). Compiled
     # for sm_90 with the model's dtypes (benchmarks/compiled_kernels.py; C = 768, fp32 x, bf16 y): the
     # LayerNorm forward takes 55 registers a thread, so 9 programs share a multiprocessor with 73 KB of
-    # loads in flight, and the backward 110 to 128 at every GPT-2 width, so 4 fit: the persistent grid's
+    # loads in flight, and the backward 96 to 128 at every GPT-2 width, so 4 fit: the persistent grid's
     # 4 per multiprocessor run in one wave. The 4096-element tile on 8 warps had 80 KB in flight forward but spilled 16 bytes a
     # thread, and its backward (113 registers, 2 programs a multiprocessor) ran in two waves. Not yet
     # timed on a GPU.
