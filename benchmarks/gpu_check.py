@@ -482,11 +482,11 @@ def step_table(rows) -> str:
 
 
 def archive(folder: pathlib.Path, path: pathlib.Path) -> None:
-    """folder as a .tar.gz at path, replaced whole (written beside it, then renamed): never half written."""
-    partial = path.with_name(path.name + ".partial")
-    with tarfile.open(partial, "w:gz") as tar:
-        tar.add(folder, arcname=folder.name)
-    partial.replace(path)
+    """folder as a .tar.gz at path, replaced whole: never half written."""
+    def write(f):
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+    write_atomic(path, write)
 
 
 REPORT = "gpu_check.json"
