@@ -42,12 +42,13 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass
 
 import torch
 
-from gpt2.runtime import all_reduce_sum, autocast, init_distributed, shutdown_distributed
+from gpt2.runtime import DUPLICATE_SIGNAL_S, all_reduce_sum, autocast, init_distributed, shutdown_distributed
 from gpt2.tokenizer import check_vocab, encode, get_encoding
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -340,16 +341,24 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def signals_interrupt(rank: int = 0):
     """SIGINT and SIGTERM raise Interrupted inside the block (SIGTERM would end the process without a word,
-    and Ctrl-C with a traceback). Outside the main thread, where signal.signal cannot be called, nothing
-    changes."""
+    and Ctrl-C with a traceback). A second signal within DUPLICATE_SIGNAL_S of the first is the same stop
+    (torchrun's copy of the terminal's Ctrl-C: it would replace Interrupted, and its summary, while that
+    unwinds); a later one acts as it did before the block, at once. Outside the main thread, where
+    signal.signal cannot be called, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    first = []  # when the first signal came
 
     def handle(signum, frame):
-        for sig, handler in previous.items():  # a second signal acts as it did before: stops at once
+        if not first:
+            first.append(time.monotonic())
+            raise Interrupted(signum, rank)
+        if time.monotonic() - first[0] < DUPLICATE_SIGNAL_S:
+            return
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
-        raise Interrupted(signum, rank)
+        signal.raise_signal(signum)
 
     # a signal ignored at the start (a background job's SIGINT) stays ignored
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
@@ -438,11 +447,11 @@ def run(config: EvalConfig) -> dict:
     if config.out:
         check_out(config.out, config.data)  # on every rank, before any collective, so that all of them stop alike
     ddp, device = init_distributed(config.device)
-    try:
-        with signals_interrupt(ddp.rank):
+    with signals_interrupt(ddp.rank):  # around the shutdown too: a signal's copy may come while it runs
+        try:
             return score(config, ddp, device)
-    finally:
-        shutdown_distributed()
+        finally:
+            shutdown_distributed()
 
 
 def score(config: EvalConfig, ddp, device) -> dict:

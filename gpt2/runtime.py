@@ -66,6 +66,11 @@ class Distributed:
         return self.rank == 0
 
 
+# seconds within which a second SIGINT or SIGTERM is the same stop: torchrun forwards the terminal's Ctrl-C
+# to workers that got it already
+DUPLICATE_SIGNAL_S = 1.0
+
+
 def init_distributed(device_name: str = "auto") -> tuple:
     """Join torchrun's process group if launched by torchrun: NCCL on CUDA, gloo elsewhere.
 

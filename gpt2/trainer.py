@@ -42,7 +42,7 @@ from gpt2.config import (PRESETS, TrainConfig, TrainError, absolute_paths, grad_
 from gpt2.data import ShardLoader, ensure_shakespeare
 from gpt2.model import GPT, HF_MODELS, GPTConfig, LoadError
 from gpt2.plot import read_log
-from gpt2.runtime import Distributed, all_reduce_sum, autocast, peak_bf16_flops
+from gpt2.runtime import DUPLICATE_SIGNAL_S, Distributed, all_reduce_sum, autocast, peak_bf16_flops
 from gpt2.shards import WaitStopped
 from gpt2.tokenizer import ENCODING_NAME, VOCAB_SIZE
 
@@ -227,7 +227,7 @@ class StopRequest:
     signal's KeyboardInterrupt waits for the end of the block."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    DUPLICATE_S = 1.0
+    DUPLICATE_S = DUPLICATE_SIGNAL_S
 
     def __init__(self, announce: bool):
         self.signum, self.announce, self._previous, self._first = None, announce, {}, 0.0

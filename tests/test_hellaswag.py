@@ -377,10 +377,13 @@ def never_evaluated(*args, **kwargs):
     pytest.fail("evaluated although the input was refused")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_during_the_scoring_says_how_far_it_got(hf_dir, data_file, tmp_path, monkeypatch, capsys, signum):
+@pytest.mark.parametrize("signum, copies", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-and-its-copy"])
+def test_a_signal_during_the_scoring_says_how_far_it_got(hf_dir, data_file, tmp_path, monkeypatch, capsys, signum,
+                                                         copies):
     """A real signal at the third batch of 2: one line with the 4 examples scored and their acc_norm, exit code
-    128 + the signal, the old --out kept, and the handlers given back."""
+    128 + the signal, the old --out kept, and the handlers given back. A copy of the signal a moment later, while
+    that unwinds (torchrun's, during the process group's shutdown), changes nothing."""
     flags = ["--model", str(hf_dir), "--data", str(data_file), "--batch_size", "2", "--device", "cpu"]
     want = eval_hellaswag.main(flags + ["--limit", "4"])["acc_norm"]
     out = tmp_path / "hs.json"
@@ -394,6 +397,10 @@ def test_a_signal_during_the_scoring_says_how_far_it_got(hf_dir, data_file, tmp_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hellaswag, "loglikelihoods", signalled_at_the_third_batch)
+    if copies == 2:
+        shutdown = hellaswag.shutdown_distributed
+        monkeypatch.setattr(hellaswag, "shutdown_distributed",
+                            lambda: (os.kill(os.getpid(), signum), shutdown()) if calls else shutdown())
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     capsys.readouterr()
     assert eval_hellaswag.cli(flags + ["--limit", "10", "--out", str(out)]) == 128 + signum
