@@ -362,7 +362,7 @@ def test_a_bad_out_is_refused_before_the_evaluation(tmp_path, monkeypatch, capsy
            "not writable": tmp_path / "hs.json"}[case]
     if case == "not writable":  # simulated: root may write into any folder
         monkeypatch.setattr(hellaswag.os, "access", lambda path, mode: False)
-    monkeypatch.setattr(hellaswag, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before --out was checked"))
+    monkeypatch.setattr(hellaswag, "evaluate", never_evaluated)
     monkeypatch.setattr(sys, "argv", ["eval_hellaswag.py", "--model", str(tmp_path / "no_model"), "--device", "cpu",
                                       "--out", str(out)])
     assert eval_hellaswag.cli() == 2

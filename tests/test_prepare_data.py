@@ -13,6 +13,8 @@ import tiktoken
 import prepare_data
 from gpt2 import shards
 
+from conftest import need_package
+
 SHARD = 7000
 
 
@@ -283,7 +285,7 @@ def test_text_too_short_for_a_train_shard_is_an_error_that_names_the_fix(shared_
 
 
 def test_parquet_input(fineweb, tmp_path, enc):
-    pa = pytest.importorskip("pyarrow")
+    pa = need_package("pyarrow")
     import pyarrow.parquet as pq
 
     _, docs = fineweb
@@ -464,7 +466,7 @@ def test_a_text_that_is_not_a_string_names_file_and_line(tmp_path, workers):
 
 
 def test_parquet_errors_name_the_file(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = need_package("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["fine", None]}), tmp_path / "null.parquet")

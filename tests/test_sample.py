@@ -44,10 +44,14 @@ def test_top_k_0_samples_from_every_token_and_long_prompts_are_cropped(tmp_path,
     assert all(text.startswith(prompt) for text in captured.out.rstrip("\n").split("\n" + SEPARATOR + "\n"))
 
 
-def test_an_empty_prompt_starts_a_document_that_the_samples_do_not_show(tmp_path, capsys):
+def test_an_empty_prompt_starts_a_document_that_the_samples_do_not_show(tmp_path, capsys, monkeypatch):
     GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).save_pretrained(str(tmp_path))
+    first_inputs, forward = [], GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **k: (first_inputs.append(idx.tolist()),
+                                                                     forward(self, idx, *a, **k))[1])
     assert sample.main(["--init_from", str(tmp_path), "--num_samples", "2", "--max_new_tokens", "4",
                         "--device", "cpu", "--prompt", ""]) == 0
+    assert first_inputs[0] == [[50256], [50256]]  # <|endoftext|>: the start of a document
     out = capsys.readouterr().out
     assert "<|endoftext|>" not in out.split("\n")[0] and len(out.split("\n" + SEPARATOR + "\n")) == 2
 
@@ -126,10 +130,15 @@ def test_ctrl_c_while_sampling_is_one_line(tmp_path):
     save_run(tmp_path, block_size=64, n_layer=2, n_embd=64)
     cmd = [sys.executable, "sample.py", "--checkpoint", str(tmp_path), "--device", "cpu", "--num_samples", "1",
            "--max_new_tokens", "100000", "--prompt", "Hi"]
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = process.stderr.readline()  # said while loading: the imports are done, main() handles the signal
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    # the default SIGINT handling even where this test runs as a background job (which ignores SIGINT)
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = process.stderr.readline()  # said while loading: the imports are done, main() handles the signal
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
     assert "newest readable checkpoint" in first, first + err
     assert process.returncode == 130 and err.strip() == "interrupted: no samples", err[-2000:]

@@ -546,11 +546,11 @@ def test_hellaswag_in_the_trainer_says_how_far_it_is(small_data, tmp_path, share
     assert len(said) == 4, said  # steps 0 and 1
 
 
-
 def test_a_compiled_run_says_its_first_step_compiles(small_data, tmp_path, capsys):
     with stopped_at_step(0):  # before any compilation
         assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 1, "--compile") == 130
     assert "step      0 | torch.compile: this first step compiles the model" in capsys.readouterr().out
+
 
 def test_ctrl_c_during_an_evaluation_stops_it_and_resume_evaluates_again(small_data, tmp_path, capsys, monkeypatch):
     from gpt2.trainer import SlowProgress
