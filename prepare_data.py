@@ -21,12 +21,14 @@
         --delete_consumed_shards --checkpoint_interval 500
 
 Rerunning over an existing output continues where the last run stopped and writes the same files (a
-killed or Ctrl-C'd run leaves only complete shards; Ctrl-C exits with code 130); an output folder holding
+killed or Ctrl-C'd run leaves only complete shards; Ctrl-C exits with code 130, SIGTERM with 143,
+each with one line that says what was written); an output folder holding
 shards of another tokenizer, shard size or source (file names, sizes and a fingerprint of their content)
 is refused. The folder's files are described in gpt2/shards.py.
 """
 import argparse
 import os
+import signal
 import sys
 
 from gpt2.shards import (
@@ -92,6 +94,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    stopped_by = [signal.SIGINT]
+
+    def terminate(signum, frame):  # SIGTERM (kill, a scheduler) stops as Ctrl-C does, not without a word
+        stopped_by[0] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         if args.dataset == "shakespeare":
             done = prepare_shakespeare(args.out, args.input, args.url)
@@ -106,7 +115,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt as err:  # Ctrl-C: one line, not a traceback; what is on disk is complete
         message = err if isinstance(err, Interrupted) else "interrupted; run the same command again to continue"
         print(f"prepare_data.py: {message}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + stopped_by[0])  # as a shell reports a process the signal ended: 130, SIGTERM 143
     summary = ", ".join(f"{split}: {len(done['shards'][split])} shards, {done['tokens'][split]:,} tokens"
                         for split in ("train", "val"))
     print(f"{args.out}: {summary}", file=sys.stderr)

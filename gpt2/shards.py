@@ -535,9 +535,11 @@ def _tokenizer_pool(workers: int):
 
 def _init_worker() -> None:
     """Ctrl-C reaches the whole process group, but only the parent reacts (it stops the pool): a worker
-    would print a traceback of its own. And a worker ends with its parent, even one killed by SIGKILL,
+    would print a traceback of its own. SIGTERM, which stops the pool, ends a worker at once, whatever
+    handler it inherited from its parent. And a worker ends with its parent, even one killed by SIGKILL,
     rather than live on and print BrokenPipeError tracebacks when it hands back its results."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # Linux: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # elsewhere, a thread watches for the parent

@@ -375,9 +375,11 @@ def wait_for(condition, what, timeout=60.0):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_prints_one_line_and_the_rerun_finishes(fineweb, tmp_path, workers):
-    """SIGINT to the process group while the producer waits for disk room (--max_shards_on_disk 2): one line,
-    exit code 130, no traceback from the parent or a pool worker; the rerun writes the uninterrupted files."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_a_stop_prints_one_line_and_the_rerun_finishes(fineweb, tmp_path, workers, stop):
+    """SIGINT to the process group (Ctrl-C) or SIGTERM to the producer alone (kill) while it waits for disk
+    room (--max_shards_on_disk 2): one line, exit code 130 or 143, no traceback from the parent or a pool
+    worker; the rerun writes the uninterrupted files."""
     import signal
 
     path, _ = fineweb
@@ -388,11 +390,14 @@ def test_ctrl_c_prints_one_line_and_the_rerun_finishes(fineweb, tmp_path, worker
     try:
         wait_for(lambda: producer.poll() is not None or len(list(out.glob("*_train_*.npy"))) == 2, "2 train shards")
         wait_for(lambda: json.loads((out / "progress.json").read_text())["next_index"] == 3, "progress.json")
-        os.killpg(producer.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(producer.pid, signal.SIGINT)
+        else:
+            producer.send_signal(signal.SIGTERM)
         err = producer.communicate(timeout=60)[1]
     finally:
         producer.kill()
-    assert producer.returncode == 130, err
+    assert producer.returncode == {"ctrl-c": 130, "kill": 143}[stop], err
     assert err.splitlines() == [f"prepare_data.py: interrupted: 3 shards written to {out} by this run (3 done in "
                                 "all); run the same command again to continue"], err
     rerun = run_prepare(args)
@@ -421,6 +426,22 @@ def test_pool_workers_end_with_their_parent(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     wait_for(lambda: not any(map(running, workers)), "the workers to end", timeout=5)
+
+
+def test_busy_pool_workers_stop_without_a_traceback(tmp_path):
+    """prepare_data.py turns SIGTERM into KeyboardInterrupt; its workers inherit that handler, and
+    Pool.terminate sends busy ones SIGTERM: each would print a KeyboardInterrupt traceback."""
+    import subprocess
+
+    from conftest import REPO
+
+    code = ("import signal, time; from gpt2 import shards\n"
+            "def stop(signum, frame): raise KeyboardInterrupt\n"
+            "signal.signal(signal.SIGTERM, stop); pool = shards._tokenizer_pool(2)\n"
+            "jobs = [pool.apply_async(time.sleep, (60,)) for _ in range(2)]; time.sleep(2)\n"
+            "pool.terminate(); pool.join(); print('stopped')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout == "stopped\n" and result.stderr == "", result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
