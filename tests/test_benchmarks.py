@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from conftest import running, wait_for
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -89,20 +91,8 @@ def test_gpu_check_section_out_of_time_keeps_its_rows(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 60, "waited for the section's grandchild to end on its own"
     assert record["result"] == [{"provider": "torch", "B": 2, "ms": 1.0}]
     assert record["error"].startswith("timed out after 5 s; 1 rows"), record
-    grandchild = int(pid_file.read_text())
-    for _ in range(50):  # killed at once; reaped by init a moment later
-        if not pathlib.Path(f"/proc/{grandchild}").exists() or "Z" in _proc_state(grandchild):
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the section's grandchild {grandchild} is still running")
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return "gone"
+    grandchild = int(pid_file.read_text())  # killed at once; reaped by init a moment later
+    wait_for(lambda: not running(grandchild), f"the section's grandchild {grandchild} to end", timeout=5)
 
 
 def _fake_children(scripts: dict):
@@ -166,12 +156,7 @@ def test_gpu_check_sigterm_kills_the_running_child(tmp_path):
     output = parent.communicate(timeout=60)[0]
     assert parent.returncode == 1, output[-3000:]
     grandchild = int(pid_file.read_text())
-    for _ in range(50):
-        if not pathlib.Path(f"/proc/{grandchild}").exists() or "Z" in _proc_state(grandchild):
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the running section's grandchild {grandchild} outlived the check")
+    wait_for(lambda: not running(grandchild), f"the running section's grandchild {grandchild} to end", timeout=5)
     report = (out / "gpu_check.md").read_text()
     assert "stopped by SIGTERM" in report and "| torch | 2 | 1.0 |" in report, report
     assert "## step-B64" not in report

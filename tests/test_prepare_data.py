@@ -13,7 +13,7 @@ import tiktoken
 import prepare_data
 from gpt2 import shards
 
-from conftest import need_package
+from conftest import need_package, running, wait_for
 
 SHARD = 7000
 
@@ -365,15 +365,6 @@ def run_prepare(args, **kwargs):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
-def wait_for(condition, what, timeout=60.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
 def test_a_stop_prints_one_line_and_the_rerun_finishes(fineweb, tmp_path, workers, stop):
@@ -464,15 +455,6 @@ def test_pool_workers_start_under_every_start_method(tmp_path, start_method):
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and int(result.stdout) > 1, result.stderr[-2000:]
-
-
-def running(pid):
-    """Alive and not a zombie (an orphan waits as one until its new parent reaps it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # -- input errors name the file, the line and the fix --------------------------------------------------------
