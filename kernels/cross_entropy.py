@@ -118,15 +118,18 @@ def default_chunk_rows(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
 
 def _check(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
     check_float_inputs("linear_cross_entropy", h=h, weight=weight)
+    if h.dim() == 0:
+        raise ValueError("linear_cross_entropy: h must be (..., C), got a 0-d tensor")
     if targets.device != h.device:
         raise ValueError(f"linear_cross_entropy: h is on {h.device} but targets on {targets.device}: "
                          "move them to one device")
     if weight.dim() != 2 or weight.shape[1] != h.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"linear_cross_entropy: weight must be (V >= 1, C={h.shape[-1]}), got {tuple(weight.shape)}")
-    not_indices = targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool
+    # unsigned targets would hold ignore_index -1 as 255 (uint8), a class the valid-row count would drop
+    not_indices = targets.is_floating_point() or targets.is_complex() or not targets.dtype.is_signed
     if targets.shape != h.shape[:-1] or not_indices:
-        raise ValueError(f"linear_cross_entropy: targets must be integers of shape {tuple(h.shape[:-1])}, "
-                         f"got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(f"linear_cross_entropy: targets must be signed integers (int64) of shape "
+                         f"{tuple(h.shape[:-1])}, got {targets.dtype} {tuple(targets.shape)}")
 
 
 def _launch_rows(logits, targets, loss, lse, scale, scale_stride, ignore_index, launch):
@@ -306,6 +309,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     fp32 losses shaped like targets ("none"). chunk_rows: rows a chunk (default: default_chunk_rows)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be at least 1 (or None: the default), got {chunk_rows}")
     compute_dtype = autocast_dtype(h.device) or h.dtype
     chunk_rows = int(chunk_rows or default_chunk_rows(targets.numel(), weight.shape[0], compute_dtype))
     # mean and sum compute their gradients in the forward, but only when a backward can follow

@@ -23,6 +23,7 @@ CASES = [
     (37, 97, 64, torch.float32, "sum", 5),
     (37, 5000, 48, torch.float16, "mean", 36),
     (130, 1000, 24, torch.float32, "none", 37),
+    (11, 5000, 24, torch.float32, "none", 4),     # "none" recomputes its logits in the backward: 2 blocks
     (130, 5000, 16, torch.float32, "mean", 64),
     (37, 1000, 40, torch.bfloat16, "mean", 10),   # no tl.dot: bf16 is exact in the interpreter too
     (9, 50304, 16, torch.float32, "mean", 4),
@@ -284,8 +285,14 @@ def test_bad_arguments_are_clear_errors(device):
         linear_cross_entropy(h, weight[:, :7], targets)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, weight, targets[:3])
-    with pytest.raises(ValueError, match="targets must be integers"):
+    with pytest.raises(ValueError, match="targets must be signed integers"):
         linear_cross_entropy(h, weight, targets > 3)
+    with pytest.raises(ValueError, match="targets must be signed integers"):  # -1 would be class 255
+        linear_cross_entropy(h, weight, targets.to(torch.uint8))
+    with pytest.raises(ValueError, match="0-d"):
+        linear_cross_entropy(h[0, 0], weight, targets[0])
+    with pytest.raises(ValueError, match="chunk_rows must be at least 1"):
+        linear_cross_entropy(h, weight, targets, chunk_rows=-1)
     with pytest.raises(TypeError, match="weight is torch.int64"):
         linear_cross_entropy(h, weight.long(), targets)
     with pytest.raises(TypeError, match="h is torch.float64"):
