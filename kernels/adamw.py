@@ -11,8 +11,8 @@ whose grad is None is skipped, its t included):
 
     g <- g * min(1, max_norm / (norm + 1e-6))       only after clip_grad_norm_(max_norm)
     p <- p * (1 - lr * weight_decay)                decoupled weight decay
-    m <- m + (1 - beta1) * (g - m)                  exp_avg
-    v <- v + (1 - beta2) * (g * g - v)              exp_avg_sq
+    m <- beta1 * m + (1 - beta1) * g                exp_avg
+    v <- beta2 * v + (1 - beta2) * g * g            exp_avg_sq
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 Loads in the params' dtype (fp32, bf16 or fp16), computes in fp32, keeps exp_avg, exp_avg_sq and step in
@@ -119,11 +119,12 @@ def _adamw_kernel(
     block_tensor, block_index,   # (n_blocks,) int32: the tensor each program updates, and which block of it
     first_block,                 # row of the block table where this launch starts
     norm_ptr, max_norm,          # clipping (when CLIP): the total grad norm, 0-d fp32 tensor; the threshold
-    lr, weight_decay, one_minus_beta1, one_minus_beta2, eps,   # fp32 runtime values
+    lr, weight_decay, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,   # fp32 runtime values
     P_DTYPE: tl.constexpr,       # dtype of params and grads; exp_avg, exp_avg_sq and step are fp32
     CLIP: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     lr, weight_decay, eps = tl.cast(lr, tl.float32), tl.cast(weight_decay, tl.float32), tl.cast(eps, tl.float32)
+    beta1, beta2 = tl.cast(beta1, tl.float32), tl.cast(beta2, tl.float32)
     one_minus_beta1, one_minus_beta2 = tl.cast(one_minus_beta1, tl.float32), tl.cast(one_minus_beta2, tl.float32)
     t, offs, mask = _block(table, block_tensor, block_index, first_block, MASKED, BLOCK)
     p_ptr = _address(table, t, PARAM, P_DTYPE, ALIGNED) + offs
@@ -147,8 +148,9 @@ def _adamw_kernel(
     v = tl.load(v_ptr, mask=mask)
     p = tl.load(p_ptr, mask=mask).to(tl.float32)
 
-    m = m + one_minus_beta1 * (g - m)
-    v = v + one_minus_beta2 * (g * g - v)
+    # not m + (1 - beta1) * (g - m): at beta = 0 that leaves the rounding of g - m in m (v 5% off at beta2 = 0)
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
     p = p * (1.0 - lr * weight_decay)
     p = p - step_size * (m / (tl.sqrt_rn(v) / bias2_sqrt + eps))
 
@@ -247,7 +249,10 @@ class _GroupTables:
 
 
 def _group_key(params: list) -> tuple:
-    return tuple(map(torch.Tensor.data_ptr, params)) + tuple(p.grad.data_ptr() for p in params)
+    """The addresses of params and grads; a grad that is not contiguous counts as -1, so that a new one at
+    an old address is not read through a table that takes it for contiguous (the rebuild refuses it)."""
+    grads = tuple(p.grad.data_ptr() if p.grad.is_contiguous() else -1 for p in params)
+    return tuple(map(torch.Tensor.data_ptr, params)) + grads
 
 
 def _check(p: torch.Tensor) -> None:
@@ -284,12 +289,24 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        if len(devices) > 1:
-            raise ValueError(f"FusedAdamW keeps all parameters on one device, got {sorted(map(str, devices))}")
         self._tables = {}          # group index -> _GroupTables of the last step
         self._pending_clip = None  # (norm, max_norm) from clip_grad_norm_, for the next step()
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, refusing a group that puts parameters on a second device or lists one twice (the kernel
+        would update it twice a step, racing with itself on a GPU; torch only warns)."""
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        problem = None
+        if len(devices) > 1:
+            problem = f"keeps all parameters on one device, got {sorted(map(str, devices))}"
+        elif len(set(map(id, params))) < len(params):
+            problem = "takes each parameter once, but a parameter group lists one twice"
+        if problem:
+            self.param_groups.pop()
+            raise ValueError(f"FusedAdamW {problem}")
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -306,7 +323,12 @@ class FusedAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            key = _group_key(params)
+            try:
+                key = _group_key(params)
+            except RuntimeError:  # a grad without storage (sparse): say so
+                for p in params:
+                    _check(p)
+                raise
             tables = self._tables.get(i)
             if tables is None or tables.key != key:
                 tables = self._tables[i] = _GroupTables(key, params, [self._state(p) for p in params], tables)
@@ -354,8 +376,8 @@ class FusedAdamW(torch.optim.Optimizer):
         norm, max_norm = self._pending_clip or (None, 0.0)
         for group, group_tables in all_tables:
             beta1, beta2 = group["betas"]
-            hyper = (float(group["lr"]), float(group["weight_decay"]), 1.0 - float(beta1), 1.0 - float(beta2),
-                     float(group["eps"]))
+            hyper = (float(group["lr"]), float(group["weight_decay"]), float(beta1), float(beta2),
+                     1.0 - float(beta1), 1.0 - float(beta2), float(group["eps"]))
             for dtype, tables in group_tables.by_dtype.items():
                 tables.launch(_adamw_kernel, norm, max_norm, *hyper, P_DTYPE=_TL_DTYPES[dtype], CLIP=norm is not None)
         self._pending_clip = None
@@ -365,8 +387,14 @@ class FusedAdamW(torch.optim.Optimizer):
         """torch's loading, except that exp_avg and exp_avg_sq stay fp32 (torch would cast them to the
         params' dtype) and step becomes a 0-d fp32 tensor on the params' device."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(saved_ids, params):  # the kernel would read and write past a smaller state
+            saved = state_dict["state"].get(i) or {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved and saved[key].shape != p.shape:
+                    raise ValueError(f"FusedAdamW.load_state_dict: the state's {key} is {tuple(saved[key].shape)} "
+                                     f"for a parameter of shape {tuple(p.shape)}: load the state of this model")
+        super().load_state_dict(state_dict)
         for i, p in zip(saved_ids, params):
             saved = state_dict["state"].get(i)
             if saved:

@@ -9,7 +9,8 @@ import torch
 from kernels import adamw
 from kernels.adamw import BLOCK, FusedAdamW
 
-SHAPES = [(1,), (37,), (13, 7), (64, 65), (BLOCK,)]  # BLOCK: only full blocks; 64x65: full + partial
+# BLOCK: only full blocks; 64x65: full + partial; 2 BLOCK + 5: full blocks of one tensor told apart
+SHAPES = [(1,), (37,), (13, 7), (64, 65), (BLOCK,), (2 * BLOCK + 5,)]
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -329,6 +330,60 @@ def test_non_contiguous_param_raises():
     p.grad = torch.randn(8, 6).t()
     with pytest.raises(ValueError, match="contiguous"):
         FusedAdamW([p]).step()
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.95), (0.9, 0.0), (0.0, 0.0)])
+def test_betas_of_zero_match_float64(betas, device):
+    """beta = 0 makes the moment the newest gradient (or its square), exactly: m + (1 - beta) * (g - m) kept
+    the rounding of g - m there (exp_avg_sq 5 % off after a gradient of 2 then one of 1e-3)."""
+    params = make_params(device)
+    ref_params, ref64_params = clone_params(params), clone_params(params, torch.float64)
+    hyper = {**HYPER, "betas": betas}
+    opt = FusedAdamW(params, **hyper)
+    ref = torch.optim.AdamW(ref_params, **hyper, foreach=False)
+    ref64 = torch.optim.AdamW(ref64_params, **hyper, foreach=False)
+    for it, scale in enumerate([2.0, 1e-3, 1.0]):
+        set_grads([params, ref_params, ref64_params], it, scale=scale)
+        for optimizer in (opt, ref, ref64):
+            optimizer.step()
+    err, torch_err = max_rel_err(params, ref64_params), max_rel_err(ref_params, ref64_params)
+    assert err <= 2 * torch_err + 1e-7, f"params vs fp64: ours {err:.2e}, torch fp32 {torch_err:.2e}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        e = max_rel_err(states(opt, params, key), states(ref64, ref64_params, key))
+        assert e <= 1e-6, f"{key} vs fp64: {e:.2e}"
+
+
+def test_refusals_name_the_problem():
+    """What the kernel cannot take is refused with a message, never read past its end or updated twice."""
+    p = torch.nn.Parameter(torch.randn(BLOCK + 100))
+    p.grad = torch.randn(BLOCK + 100)
+    small = FusedAdamW([torch.nn.Parameter(torch.randn(4))])
+    small.param_groups[0]["params"][0].grad = torch.randn(4)
+    small.step()
+    opt = FusedAdamW([p])
+    with pytest.raises(ValueError, match=r"exp_avg is \(4,\) for a parameter of shape \(4196,\)"):
+        opt.load_state_dict(small.state_dict())
+    with pytest.raises(ValueError, match="lists one twice"):
+        FusedAdamW([p, p])
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, device="meta"))]})
+    assert len(opt.param_groups) == 1
+    sparse = torch.nn.Parameter(torch.randn(5, 3))
+    sparse.grad = torch.randn(5, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        FusedAdamW([sparse]).step()
+
+
+def test_a_non_contiguous_grad_at_a_cached_address_raises():
+    """The cached tables are keyed by addresses: a transposed grad in the old grad's memory has the same one."""
+    p = torch.nn.Parameter(torch.randn(6, 6))
+    grad = torch.randn(6, 6)
+    p.grad = grad
+    opt = FusedAdamW([p])
+    opt.step()
+    p.grad = grad.t()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=-1e-3), dict(eps=-1.0), dict(betas=(1.0, 0.9)),
