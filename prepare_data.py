@@ -14,7 +14,7 @@
     python prepare_data.py fineweb --out data/mine --input a.jsonl b.parquet --shard_size 1000000
 
     # a small disk: at most 4 train shards (+ the val shard) on disk; the trainer deletes what it consumed
-    # and its newest checkpoint is past (4 shards of 1e8 tokens hold 572 steps of 524,288: checkpoint within)
+    # and its newest checkpoint is past (4 shards of 1e8 tokens: a checkpoint every 571 steps of 524,288 or less)
     python prepare_data.py fineweb --out data/fineweb_edu --max_shards_on_disk 4 &
     sleep 10   # the trainer must find the producer's meta.json, its first write
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-124m --data data/fineweb_edu \

@@ -134,7 +134,10 @@ class ShardLoader:
                 raise ValueError(self._too_small_message())
         k, offset = self._locate(self.k, self.offset, self.rank * self.B * self.T)
         buf = self._read(k, offset, self.B * self.T + 1)
-        self.k, self.offset = self._locate(self.k, self.offset, step)
+        k, offset = self._locate(self.k, self.offset, step)
+        if offset == self._length(k):  # the end of a shard is the start of the next: no later read, resume
+            k, offset = k + 1, 0       # or deletion then counts on the finished shard, which may be deleted
+        self.k, self.offset = k, offset
         self._evict_before(self.k)
         buf = torch.from_numpy(buf)
         x = buf[:-1].view(self.B, self.T)  # (B, T)
@@ -217,12 +220,10 @@ class ShardLoader:
         keep_from: a state_dict() (say, the newest checkpoint's); shards at or after its position count
         as unfinished, so that a run resumed from that checkpoint still finds them.
         """
-        k, offset = self.k, self.offset
+        k = self.k  # next_batch moves a position at the end of shard k to (k + 1, 0)
         if keep_from is not None:
-            k, offset = min((k, offset), (keep_from["shard"], keep_from["offset"]))
-        name = self._name_at(k)
-        end = k + (1 if 0 < offset and offset >= self._lengths.get(name, float("inf")) else 0)
-        return [self._name_at(j) for j in range(end)]
+            k = min(k, keep_from["shard"])  # a checkpoint's shard stays, even at its end
+        return [self._name_at(j) for j in range(k)]
 
     def delete_finished_shards(self, keep_from=None) -> list:
         """With delete_consumed: rank 0 deletes the finished shards (after the trainer's barrier, see the

@@ -324,18 +324,22 @@ class Run:
     def _check_disk_budget(self):
         """The shards the trainer holds at once must fit prepare_data.py's --max_shards_on_disk, or the two
         wait for each other forever: one optimizer step's, and every shard from the newest checkpoint's
-        position on (kept for --resume), that is, up to a checkpoint interval's."""
+        position on (kept for --resume). The shards before a checkpoint go after the step that follows it,
+        so that step reads while the previous checkpoint's shards are still there: a checkpoint interval
+        and one step."""
         cfg, loader = self.cfg, self.train_loader
         loader.check_disk_budget(cfg.total_batch_size)
         K, S, interval = loader.meta.get("max_shards_on_disk"), loader.meta.get("shard_size"), cfg.checkpoint_interval
-        needed = loader.shards_spanned(interval * cfg.total_batch_size)
+        needed = loader.shards_spanned((interval + 1) * cfg.total_batch_size)
         if K and S and interval and needed > K:
-            fits = (K - 1) * S // cfg.total_batch_size  # the most tokens that span K shards at most: (K - 1) S
+            # the most tokens that span K shards at most are (K - 1) S: an interval and a step of them
+            fits = (K - 1) * S // cfg.total_batch_size - 1
+            shorter = f"--checkpoint_interval {fits} or less, or " if fits > 0 else ""
             raise TrainError(
                 f"--delete_consumed_shards keeps every shard from the newest checkpoint on, for --resume: "
-                f"--checkpoint_interval {interval} steps of {cfg.total_batch_size} tokens may span {needed} shards "
-                f"of {S} tokens, but prepare_data.py keeps at most {K} on disk (--max_shards_on_disk): use "
-                f"--checkpoint_interval {fits} or less, or rerun prepare_data.py with --max_shards_on_disk >= {needed}")
+                f"--checkpoint_interval {interval} steps of {cfg.total_batch_size} tokens and the step after them "
+                f"may span {needed} shards of {S} tokens, but prepare_data.py keeps at most {K} on disk "
+                f"(--max_shards_on_disk): use {shorter}rerun prepare_data.py with --max_shards_on_disk >= {needed}")
 
     def _check_model_fits(self):
         """The model's vocabulary must hold every token id of the data and its positions --block_size. Known

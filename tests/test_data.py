@@ -220,6 +220,29 @@ def test_delete_keeps_the_shards_of_a_checkpoint(tmp_path):
     assert loader.delete_finished_shards() == names[2:3]
 
 
+@pytest.mark.parametrize("keep", ["none", "checkpoint"])
+def test_a_step_that_ends_a_shard_deletes_it_and_needs_it_no_more(tmp_path, keep):
+    """Steps of 64 tokens, shards of 128: every other step ends exactly at a shard's end. That shard is
+    finished, is deleted, and neither the next step nor a resume from a checkpoint there opens it again
+    (a position (k, end of k) read shard k for zero tokens, after its deletion)."""
+    names = make_folder(tmp_path, [128] * 4)["train"]
+    loader = ShardLoader(tmp_path, "train", 2, 32, delete_consumed=True)
+    for position in range(64, 64 * 7 + 1, 64):
+        checkpoint = loader.state_dict()
+        x, _ = loader.next_batch()
+        assert x[0, 0].item() == position - 64
+        deleted = loader.delete_finished_shards(keep_from=checkpoint if keep == "checkpoint" else None)
+        if keep == "checkpoint":  # the shard a checkpoint at its end points into goes with the next step
+            assert deleted == ([names[position // 128 - 1]] if position % 128 == 64 and position > 64 else [])
+            resumed = ShardLoader(tmp_path, "train", 2, 32, delete_consumed=True)
+            resumed.load_state_dict(checkpoint)
+            assert resumed.next_batch()[0][0, 0].item() == position - 64
+        else:
+            assert deleted == ([names[position // 128 - 1]] if position % 128 == 0 else [])
+    with pytest.raises(StopIteration):  # a last step would need the token after the split's 512
+        loader.next_batch()
+
+
 def test_disk_budget_too_small_for_one_step_is_refused(tmp_path):
     make_folder(tmp_path, max_shards_on_disk=2)
     meta = json.loads((tmp_path / "meta.json").read_text())
