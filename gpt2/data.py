@@ -255,9 +255,10 @@ class ShardLoader:
         else:
             self._names, self._complete = [], False
         if self._complete and not self._names:
+            without = " (train.py: or train without validation, --eval_interval 0)" if self.split == "val" else ""
             raise FileNotFoundError(
                 f"no {self.split} shards in {self.dir} (files named *_{self.split}_*.npy): "
-                "prepare the data with prepare_data.py"
+                f"prepare the data with prepare_data.py{without}"
             )
 
     def _check_options(self) -> None:

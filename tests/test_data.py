@@ -152,8 +152,10 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*prepare_data.py"):
         ShardLoader(tmp_path / "nope", "train", 2, 8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no train shards"):
+    with pytest.raises(FileNotFoundError, match="no train shards.*prepare_data.py$"):
         ShardLoader(tmp_path / "empty", "train", 2, 8)
+    with pytest.raises(FileNotFoundError, match="no val shards.*--eval_interval 0"):
+        ShardLoader(tmp_path / "empty", "val", 2, 8)
     with pytest.raises(ValueError, match="split"):
         ShardLoader(tmp_path / "empty", "test", 2, 8)
     make_folder(tmp_path / "small", [40, 20])
