@@ -44,8 +44,9 @@ product. GPT-2 124M at N = 16K rows under bf16 autocast: about 0.7 GB, where the
 its bf16 logits, their fp32 copy and the fp32 log-softmax, 10*N*V = 8.2 GB, and keeps the log-softmax
 (4*N*V = 3.3 GB) until the backward.
 
-Design limits: targets outside [0, V) other than ignore_index are not checked (that would need a host
-sync) and give garbage; a row whose logits are all -inf gives nan, as PyTorch does. Rows are
+Design limits: targets outside [0, V) other than ignore_index are not refused (that would need a host
+sync): their rows' losses are NaN, so the mean and sum are too; a row whose logits are all -inf gives
+nan, as PyTorch does. Rows are
 processed independently, so every output is deterministic. No label smoothing, no z-loss, no double
 backward. Under torch.compile the chunk count is fixed at trace time: a new N means a new graph.
 """
@@ -91,7 +92,9 @@ def _cross_entropy_kernel(
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
             m = m_new
         lse = m + tl.log(s)
-        z_target = tl.load(z_row + target, mask=valid, other=0.0).to(tl.float32)  # before dz overwrites it
+        # before dz overwrites it; a target outside [0, V) reads nothing and makes the loss NaN (not a host sync)
+        in_range = (target >= 0) & (target < n_cols)
+        z_target = tl.load(z_row + target, mask=valid & in_range, other=float("nan")).to(tl.float32)
         tl.store(LOSS + row, tl.where(valid, lse - z_target, 0.0))
         tl.store(LSE + row, lse)
     if WRITE_GRAD:

@@ -277,6 +277,18 @@ def test_model_token_losses(device, poison):
     torch.testing.assert_close(losses, want.view(3, 16), atol=1e-5, rtol=1e-5)
 
 
+def test_targets_out_of_range_give_nan_not_another_logit(device):
+    """A target past V, or -1 where ignore_index is -100, is not refused (that needs a host sync): its row's
+    loss is NaN, and so the mean, rather than a plausible loss read from a neighbouring row's logits."""
+    h, weight, targets = make_inputs(5, 30, 8, torch.float32, device, ignored=0.0)
+    targets[1], targets[3] = 30, -1
+    losses = linear_cross_entropy(h, weight, targets, reduction="none", ignore_index=-100)
+    assert losses[[1, 3]].isnan().all() and not losses[[0, 2, 4]].isnan().any()
+    torch.testing.assert_close(losses[[0, 2, 4]], torch_cross_entropy(h[[0, 2, 4]], weight, targets[[0, 2, 4]],
+                                                                      reduction="none"))
+    assert linear_cross_entropy(h, weight, targets, ignore_index=-100).isnan()
+
+
 def test_bad_arguments_are_clear_errors(device):
     h, weight, targets = make_inputs(4, 10, 8, torch.float32, device)
     with pytest.raises(ValueError, match="reduction"):
