@@ -282,6 +282,9 @@ class Run:
         self.dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         self.compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
         self.ops = ops_module.resolve(cfg.kernels, device, cfg.deterministic)
+        if self.ops.interpreted and "attention" in self.ops.on_triton and self.dtype == "bfloat16":
+            raise TrainError("--dtype bfloat16 with attention on Triton needs a CUDA device: the Triton interpreter's "
+                             "bf16 matmuls are wrong. Use --dtype float32, or --kernels without attention")
         self.grad_accum = grad_accum_steps(cfg, ddp.world_size)
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.log_path = self.out_dir / LOG_FILE

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import cdiv, check_float_inputs, direct, next_power_of_2, traced
+from kernels.launch import cdiv, check_float_inputs, direct, next_power_of_2, no_double_backward, traced
 
 __all__ = ["flash_attention"]
 
@@ -469,6 +469,9 @@ def _check(q, k, v):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"flash_attention wants one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if _INTERPRET and q.dtype == torch.bfloat16:  # its tl.dot of bf16 operands returns garbage, silently
+        raise ValueError("flash_attention in the Triton interpreter (no CUDA device) takes float32 or float16, "
+                        "not bfloat16: use --dtype float32, or --kernels torch")
     D = q.shape[-1]
     if D not in (16, 32, 64, 128):
         raise ValueError(f"flash_attention supports head dims 16, 32, 64, 128, got {D}")
@@ -581,6 +584,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        no_double_backward("flash_attention")
         dq, dk, dv = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct)
         return dq, dk, dv, None, None, None
 
@@ -613,8 +617,8 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, deterministic=True):
     """
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
-    if not sm_scale > 0:
-        raise ValueError(f"flash_attention wants sm_scale > 0, got {sm_scale}")
+    if not 0 < sm_scale < 1e30:  # times log2(e) in fp32 in the kernel: finite
+        raise ValueError(f"flash_attention wants 0 < sm_scale < 1e30, got {sm_scale}")
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, causal, float(sm_scale), bool(deterministic))[0]
     return _AttentionFunction.apply(q, k, v, causal, float(sm_scale), bool(deterministic))

@@ -55,7 +55,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, check_float_inputs, direct, next_power_of_2, to_dtype, traced
+from kernels.launch import (
+    autocast_dtype, cdiv, check_float_inputs, direct, next_power_of_2, no_double_backward, to_dtype, traced,
+)
 
 __all__ = ["linear_cross_entropy"]
 
@@ -298,6 +300,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
+        no_double_backward("linear_cross_entropy")
         return *_gradients(ctx, dloss, _backward_direct), None, None, None, None, None, None
 
 
@@ -313,7 +316,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if chunk_rows is not None and chunk_rows < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_rows must be at least 1 (or None: the default), got {chunk_rows}")
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be at least 1 (None: the default), got {chunk_rows}")
     compute_dtype = autocast_dtype(h.device) or h.dtype
     chunk_rows = int(chunk_rows or default_chunk_rows(targets.numel(), weight.shape[0], compute_dtype))
     # mean and sum compute their gradients in the forward, but only when a backward can follow

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import cdiv, check_float_inputs, direct, traced
+from kernels.launch import cdiv, check_float_inputs, direct, no_double_backward, traced
 
 __all__ = ["gelu"]
 
@@ -102,6 +102,7 @@ class _GeluFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        no_double_backward("gelu")
         x, = ctx.saved_tensors
         return _elementwise(_gelu_bwd_kernel, x, (x, dy), direct)
 

@@ -127,6 +127,13 @@ def check_float_inputs(op: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{op}: {first} is on {device} but {name} on {t.device}: move them to one device")
 
 
+def no_double_backward(op: str) -> None:
+    """Called first in an eager backward. Under create_graph=True autograd records a backward's ops for a
+    second derivative; the kernels' outputs would have none, and it would silently come out zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} has no double backward (create_graph=True): use its PyTorch op, --kernels=torch")
+
+
 def cdiv(a, b):
     """ceil(a / b) on the host: triton.cdiv is a ConstexprFunction in Triton 3.9, 5 us a call."""
     return -(-a // b)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from kernels.launch import autocast_dtype, cdiv, check_float_inputs, direct, to_dtype, traced
+from kernels.launch import autocast_dtype, cdiv, check_float_inputs, direct, no_double_backward, to_dtype, traced
 from kernels.rowwise import persistent_programs, row_config
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -136,6 +136,9 @@ def _layer_norm_bwd_kernel(
 
 
 def _check(x: torch.Tensor, delta, weight: torch.Tensor, bias) -> None:
+    if weight is None or x.dim() == 0:
+        raise ValueError("layer_norm takes x of shape (..., C) and a weight of shape (C,), got "
+                         f"{'a 0-d x' if x.dim() == 0 else 'weight None'} (F.layer_norm, --kernels=torch, takes none)")
     check_float_inputs("layer_norm", x=x, delta=delta, weight=weight, bias=bias)
     n_cols = x.shape[-1]
     if x.numel() >= 2**31 * max(n_cols, 1):
@@ -161,8 +164,8 @@ def _forward(x, delta, weight, bias, eps, out_dtype, launch):
     # without delta, x and y stand in for delta and s: HAS_DELTA=False never touches them
     delta = delta.contiguous() if has_delta else x
     s = torch.empty_like(x, dtype=s_dtype) if has_delta else y
+    cfg = row_config(n_cols)  # a row too long is refused here, not only in the backward, with no rows too
     if n_rows > 0:
-        cfg = row_config(n_cols)
         launch(_layer_norm_fwd_kernel)[(cdiv(n_rows, cfg.block_m),)](
             x, delta, s, y, weight, bias if bias is not None else weight, stats, n_rows, n_cols, eps,
             HAS_DELTA=has_delta, HAS_BIAS=bias is not None,
@@ -208,7 +211,8 @@ def _save(ctx, normalized, weight, bias, stats, x_dtype, delta_dtype):
 
 
 def _gradients(ctx, ds, dy, backward):
-    """dx, ddelta (None without delta), dweight, dbias, from backward(dy, ds, s, weight, stats, delta_dtype)."""
+    """dx, ddelta (None without delta), dweight, dbias, from backward(dy, ds, s, weight, stats, delta_dtype).
+    Only s used (dy None): the weight and bias get no gradient, as from F.layer_norm."""
     s, weight, stats = ctx.saved_tensors
     dsum, ddelta, dweight_dbias = backward(torch.zeros_like(s) if dy is None else dy, ds, s, weight, stats,
                                            ctx.delta_dtype)
@@ -216,7 +220,7 @@ def _gradients(ctx, ds, dy, backward):
         ddelta = None
     elif ddelta is None or ddelta.shape != dsum.shape:  # delta has x's dtype: its gradient is dx itself
         ddelta = dsum
-    dweight, dbias = dweight_dbias.unbind()  # one call; unpacking the tensor itself would iterate it, slowly
+    dweight, dbias = (None, None) if dy is None else dweight_dbias.unbind()  # unbind: one call, not an iteration
     return to_dtype(dsum, ctx.x_dtype), ddelta, dweight, dbias if ctx.has_bias else None
 
 
@@ -288,6 +292,7 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds, dy):
+        no_double_backward("layer_norm")
         return *_gradients(ctx, ds, dy, _backward_direct), None, None
 
 

@@ -5,6 +5,8 @@ made as the model makes them: strided views of one (B, T, 3C) tensor. On the GPU
 is held to the low-precision criterion of STYLE.md: the kernel's error against float64 is at most
 about twice that of PyTorch's own SDPA in the same dtype, plus a small atol.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,9 @@ def check_against_reference(B, H, T, D, causal, dtype, device, atol, determinist
     (1, 1, 257, 64, False, torch.float32),
     (2, 3, 257, 64, True, torch.float16),
     (3, 3, 100, 32, False, torch.float16),
+    (2, 1, 37, 16, True, torch.float32),     # the smallest and largest head dims
+    (1, 2, 37, 128, True, torch.float32),
+    (1, 1, 100, 128, False, torch.float16),
 ])
 def test_matches_reference(B, H, T, D, causal, dtype, device, poison):
     check_against_reference(B, H, T, D, causal, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3)
@@ -278,6 +283,12 @@ def test_rejects_bad_dtypes_and_devices(device):
         flash_attention(q, q.half(), q)
     with pytest.raises(ValueError, match="q is on .* but v on meta"):
         flash_attention(q, q, torch.empty(1, 1, 8, 32, device="meta"))
+    for scale in (0.0, math.inf, 1e38):  # 1e38 * log2(e) overflows fp32 in the kernel
+        with pytest.raises(ValueError, match="sm_scale"):
+            flash_attention(q, q, q, sm_scale=scale)
+    if device.type == "cpu":  # the interpreter's bf16 tl.dot returns garbage
+        with pytest.raises(ValueError, match="interpreter .* not bfloat16: use --dtype float32"):
+            flash_attention(*[q.bfloat16()] * 3)
 
 
 @pytest.mark.parametrize("deterministic, causal", [(True, True), (False, False)])

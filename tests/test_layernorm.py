@@ -222,6 +222,45 @@ def test_compile_path_runs_the_same_launches(device, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled_path))
 
 
+def test_eps_on_rows_of_small_variance(device, poison):
+    """Rows whose variance is of eps's size, eps 1e-5 and 0.1: eps is a large part of rstd there (and a
+    kernel that ignored its eps argument would pass every other test)."""
+    for eps in (1e-5, 0.1):
+        x = (torch.randn(37, 300, device=device) * 3e-3 + 2.0).requires_grad_()
+        weight, bias = torch.randn(300, device=device).requires_grad_(), torch.randn(300, device=device).requires_grad_()
+        grads = [torch.randn(37, 300, device=device)]
+        got = run(lambda x, w, b: layer_norm(x, w, b, eps), [x, weight, bias], grads)
+        ref = run(lambda x, w, b: F.layer_norm(x, (300,), w, b, eps), as_f64([x, weight, bias]), grads)
+        for name, g, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
+            err = (g.double() - r).abs().max().item()
+            assert err < 1e-4 * max(1.0, r.abs().max().item()), f"eps {eps}, {name}: max error {err:.3e}"
+
+
+def test_the_sum_is_rounded_before_it_is_normalized(device, poison):
+    """fp16 values near 1000 (an ulp of 0.5) plus small deltas: y is the LayerNorm of the stored sum s,
+    as `x + delta` then F.layer_norm gives, not of the exact sum, which differs by a good part of a unit."""
+    x = (torch.randn(37, 256, device=device) + 1000).half()
+    delta = (torch.randn(37, 256, device=device) * 0.3).half()
+    weight, bias = torch.ones(256, device=device, dtype=torch.half), torch.zeros(256, device=device, dtype=torch.half)
+    s, y = add_layer_norm(x, delta, weight, bias)
+    assert torch.equal(s, x + delta)
+    of_stored = F.layer_norm(s.double(), (256,))
+    of_exact = F.layer_norm(x.double() + delta.double(), (256,))
+    assert (of_stored - of_exact).abs().max() > 0.1  # the case tells the two apart
+    assert (y.double() - of_stored).abs().max() < 1e-2
+
+
+def test_only_the_sum_used(device, poison):
+    """Only s feeds the loss: its gradient passes to x and delta, and the weight and bias get none, as
+    from F.layer_norm."""
+    x, delta, weight, bias = make_inputs((37, 200), torch.float32, device, n=2)
+    s, _ = add_layer_norm(x, delta, weight, bias)
+    grad = torch.randn(37, 200, device=device)
+    s.backward(grad)
+    assert torch.equal(x.grad, grad) and torch.equal(delta.grad, grad)
+    assert weight.grad is None and bias.grad is None
+
+
 @pytest.mark.parametrize("path", ["eager", "compile"])
 def test_no_rows(path, device, monkeypatch):
     """Zero rows, on both paths: the custom op stands in an empty tensor for a ddelta that dx is, which must
@@ -278,6 +317,12 @@ def test_bad_shapes_are_clear_errors(device):
     with pytest.raises(ValueError, match="at most"):
         big = torch.randn(1, 1 << 15, device=device)
         layer_norm(big, torch.ones(1 << 15, device=device), None)
+    with pytest.raises(ValueError, match="at most"):  # in the forward, though no row is there to normalize
+        layer_norm(big[:0], torch.ones(1 << 15, device=device), None)
+    with pytest.raises(ValueError, match="weight None"):
+        layer_norm(x, None, None)
+    with pytest.raises(ValueError, match="0-d x"):
+        layer_norm(x[0, 0], torch.ones(64, device=device), None)
 
 
 def test_bad_dtypes_and_devices_are_clear_errors(device):

@@ -91,3 +91,25 @@ def test_nondeterministic_sets_pass_their_declared_arguments():
             assert implementation is getattr(kernels, op.triton.split(":")[1])
     assert ops.OPS[0].nondeterministic == {"deterministic": False}
     assert ops.resolve("torch", deterministic=False).attention is ops.torch_attention
+
+
+def test_no_op_gives_a_silent_zero_second_derivative(device):
+    """create_graph=True asks autograd for a second derivative, which the kernels do not have: each op's
+    backward says so, rather than return first derivatives that differentiate to zero."""
+    import torch
+
+    from kernels import add_layer_norm, flash_attention, gelu, layer_norm, linear_cross_entropy
+
+    x = torch.randn(4, 8, 16, device=device, requires_grad=True)
+    w, b = torch.ones(16, device=device), torch.zeros(16, device=device)
+    calls = {
+        "layer_norm": lambda: layer_norm(x, w, b),
+        "layer_norm ": lambda: add_layer_norm(x, x * 2, w, b)[1],
+        "gelu": lambda: gelu(x),
+        "flash_attention": lambda: flash_attention(*(x.view(2, 2, 8, 16) * k for k in (1, 2, 3)), causal=True),
+        "linear_cross_entropy": lambda: linear_cross_entropy(x[0], torch.randn(10, 16, device=device),
+                                                             torch.arange(8, device=device) % 10),
+    }
+    for op, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{op.strip()} has no double backward"):
+            torch.autograd.grad(call().sum(), x, create_graph=True)

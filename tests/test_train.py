@@ -166,6 +166,10 @@ def test_errors_are_messages_not_tracebacks(shakespeare, tmp_path, capsys, monke
     expect_error(capsys, "--data", tmp_path / "nowhere", "--out_dir", tmp_path, match="does not exist")
     expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path, "--total_batch_size", 100,
                  match="not a multiple of --batch_size")
+    if not torch.cuda.is_available():  # the interpreter's bf16 tl.dot returns garbage
+        expect_error(capsys, "--data", shakespeare, "--out_dir", tmp_path / "bf16", "--kernels", "attention",
+                     "--dtype", "bfloat16", match="--dtype bfloat16 with attention on Triton needs a CUDA device")
+        assert not (tmp_path / "bf16").exists()
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     np.save(corrupt / "x_val_000000.npy", np.zeros(1000, dtype=np.uint16))
