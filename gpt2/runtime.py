@@ -34,7 +34,9 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:  # torch lists twenty device types, most of them not ours
-        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda (cuda:N for one GPU) or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda (cuda:N for one GPU) or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -40,6 +40,7 @@ from gpt2.checkpoint import (checkpoint_path, checkpoints, load_checkpoint, newe
 from gpt2.config import (PRESETS, TrainConfig, TrainError, absolute_paths, grad_accum_steps, make_config,
                          resume_changes, resumed, run_flags, validate)
 from gpt2.data import ShardLoader, ensure_shakespeare
+from gpt2.files import write_atomic
 from gpt2.model import GPT, HF_MODELS, GPTConfig, LoadError
 from gpt2.plot import read_log
 from gpt2.runtime import DUPLICATE_SIGNAL_S, Distributed, all_reduce_sum, autocast, peak_bf16_flops
@@ -143,7 +144,7 @@ def run_files(out_dir) -> list[pathlib.Path]:
     """The files a run leaves in out_dir: what --overwrite deletes, and nothing else."""
     out_dir = pathlib.Path(out_dir)
     files = [out_dir / LOG_FILE, out_dir / PLOT_FILE, *checkpoints(out_dir), *out_dir.glob(".ckpt_*.pt.tmp*"),
-             *(out_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")]
+             *out_dir.glob(f".{LOG_FILE}.tmp*"), *(out_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*")]
     return [f for f in files if f.is_file()]
 
 
@@ -485,6 +486,9 @@ class Run:
             raise TrainError(str(err)) from None
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # the groups come back with the run's weight decay: a --weight_decay given with --resume replaces it
+        # in configure_optimizers' first group, the decayed one (the lr is set at every step)
+        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint["loader_states"]
@@ -509,7 +513,8 @@ class Run:
         if self.log_path.exists():
             kept = [r for r in read_log(self.out_dir)
                     if r["step"] < step or (keep_evaluations and r["step"] == step and "loss" not in r)]
-            self.log_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            text = "".join(json.dumps(record) + "\n" for record in kept)
+            write_atomic(self.log_path, lambda f: f.write(text.encode()))  # a stop here leaves the old log whole
 
     def save(self, periodic_done: bool = True, gather: bool = True):
         """Every rank's loader state into one checkpoint, written by rank 0; returns its path there.

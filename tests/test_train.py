@@ -467,7 +467,9 @@ def test_a_val_split_of_one_token_is_refused(tmp_path, capsys):
 
 
 def test_an_unknown_device_is_one_line(small_data, tmp_path, capsys):
-    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path, "--device", "foo", match="--device foo")
+    for device in ("foo", "meta", "xpu"):  # meta and xpu are torch's device types, not ours
+        expect_error(capsys, "--data", small_data, "--out_dir", tmp_path, "--device", device,
+                     match=f"--device {device}: not a device")
 
 
 # -- the audit's defects: one-line errors, a save that a full disk or a second Ctrl-C cannot break ---------

@@ -257,11 +257,15 @@ def test_a_flag_given_with_resume_changes_the_run_and_says_so(small_data, tmp_pa
     out = tmp_path / "run"
     assert run_train("--data", small_data, "--out_dir", out, "--max_steps", 2, "--checkpoint_interval", 2) == 0
     capsys.readouterr()
-    assert train.main(["--out_dir", str(out), "--resume", "--max_steps", "3", "--grad_clip", "0.5"]) == 0
+    assert train.main(["--out_dir", str(out), "--resume", "--max_steps", "3", "--grad_clip", "0.5",
+                       "--weight_decay", "0.5"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "changed flags" in line]
     assert len(said) == 1 and "--max_steps 3 (the run's: --max_steps 2)" in said[0], said
     assert "--grad_clip 0.5 (the run's: --grad_clip 1.0)" in said[0], said
     assert len(losses(out)) == 3
+    # said and done: the optimizer's state_dict had brought the run's weight decay back
+    groups = torch.load(out / "ckpt_000003.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [group["weight_decay"] for group in groups] == [0.5, 0.0]
     for flags, named in [(("--seed", 7), "--seed 1337"), (("--n_layer", 3, "--sampling", "random"), "--n_layer 2"),
                          (("--preset", "gpt2-124m"), "--preset shakespeare")]:
         err = expect_refusal(script("train.py", "--out_dir", out, "--resume", *flags), named, "checkpoint fixes",
