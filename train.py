@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     except (TrainError, KernelsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    except KeyboardInterrupt as stop:  # a second Ctrl-C or SIGTERM (StoppedAtOnce), or one before training started
         print("interrupted: resume from the last checkpoint with --resume", file=sys.stderr)
-        return 130
+        return getattr(stop, "exit_code", 130)
     return 0
 
 

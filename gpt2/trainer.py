@@ -219,20 +219,28 @@ def check_tensorboard(cfg: TrainConfig) -> None:
         raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second signal stopped the run where it was, without a checkpoint; exit_code is 128 + its number."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.exit_code = 128 + signum
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM inside `with stop:` only sets `signum`: the loop finishes the step,
     saves a checkpoint and exits (a wait for prepare_data.py's shards polls it and ends at once). A
-    second signal raises KeyboardInterrupt at once, unless it comes within DUPLICATE_S of the first:
+    second signal raises StoppedAtOnce at once, unless it comes within DUPLICATE_S of the first:
     torchrun forwards the terminal's Ctrl-C to workers that got it already (and kills them 30 s later,
     its shutdown timeout). Inside `with stop.deferred():` (a checkpoint being written) the second
-    signal's KeyboardInterrupt waits for the end of the block."""
+    signal's StoppedAtOnce waits for the end of the block."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     DUPLICATE_S = DUPLICATE_SIGNAL_S
 
     def __init__(self, announce: bool):
         self.signum, self.announce, self._previous, self._first = None, announce, {}, 0.0
-        self._deferring, self._deferred = False, False
+        self._deferring, self._deferred = False, None  # _deferred: the second signal's number
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
@@ -252,19 +260,19 @@ class StopRequest:
         finally:
             self._deferring = False
         if self._deferred:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(self._deferred)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             if time.monotonic() - self._first < self.DUPLICATE_S:
                 return
             if self._deferring:
-                self._deferred = True
+                self._deferred = signum
                 if self.announce:
                     os.write(2, f"\n{signal.Signals(signum).name}: stopping once the checkpoint is "
                                 "written\n".encode())
                 return
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum, self._first = signum, time.monotonic()
         if self.announce:  # os.write: print() may be in the middle of a write on this thread
             os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint "
