@@ -664,7 +664,9 @@ class Run:
     def stop_evaluation_if_signalled(self):
         """A one-process run stops an evaluation at a signal; the checkpoint it saves does the evaluation
         again on resume. Under DDP the ranks would have to agree on the batch: the evaluation runs to its end
-        (a second Ctrl-C stops at once)."""
+        (a second Ctrl-C stops at once). Not done: torchrun kills its workers 30 s after it forwards a
+        signal, so a stop during a longer evaluation saves no checkpoint; a vote every few batches would
+        fix that (HellaSwag's ranks hold different numbers of batches)."""
         if not self.ddp.enabled and self.stop.signum is not None:
             raise EvaluationStopped
 
