@@ -291,7 +291,7 @@ def _iter_file(path: pathlib.Path):
                     yield _text_of(_json_line(line, where), where)
     elif suffix == ".csv":
         csv.field_size_limit(2**31 - 1)
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: the BOM Excel writes is no header
             for rowno, row in enumerate(csv.DictReader(f), 1):
                 yield _text_of(row, f"{path} row {rowno}")
     elif suffix == ".parquet":
@@ -530,16 +530,21 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
 
 
 def _tokenizer_pool(workers: int):
-    return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
+    # forked workers keep the parent's handlers until _init_worker runs: a Ctrl-C there, or a SIGTERM from
+    # Pool.terminate turned into KeyboardInterrupt by prepare_data.py's handler, would print a traceback
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def _init_worker() -> None:
     """Ctrl-C reaches the whole process group, but only the parent reacts (it stops the pool): a worker
-    would print a traceback of its own. SIGTERM, which stops the pool, ends a worker at once, whatever
-    handler it inherited from its parent. And a worker ends with its parent, even one killed by SIGKILL,
+    would print a traceback of its own. And a worker ends with its parent, even one killed by SIGKILL,
     rather than live on and print BrokenPipeError tracebacks when it hands back its results."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # Linux: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # elsewhere, a thread watches for the parent

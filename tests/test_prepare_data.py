@@ -420,8 +420,8 @@ def test_pool_workers_end_with_their_parent(tmp_path):
 
 
 def test_busy_pool_workers_stop_without_a_traceback(tmp_path):
-    """prepare_data.py turns SIGTERM into KeyboardInterrupt; its workers inherit that handler, and
-    Pool.terminate sends busy ones SIGTERM: each would print a KeyboardInterrupt traceback."""
+    """prepare_data.py turns SIGTERM into KeyboardInterrupt; workers forked with that handler, sent SIGTERM
+    by Pool.terminate while busy (or before their initializer ran), would each print a traceback."""
     import subprocess
 
     from conftest import REPO
@@ -466,6 +466,14 @@ def test_a_text_that_is_not_a_string_names_file_and_line(tmp_path, workers):
         bad.write_text('{"text": "fine"}\n' + '{"text": %s}\n' % value)
         with pytest.raises(ValueError, match=rf"^{bad}:2: 'text' is {kind}, not a string"):
             shards.prepare_fineweb(tmp_path / kind, inputs=[bad], shard_size=SHARD, workers=workers, progress=False)
+
+
+def test_a_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Excel writes UTF-8 CSVs with a BOM, which would otherwise make the header '\ufefftext', not 'text'."""
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_bytes(b"text,id\nhello world,1\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert list(shards.iter_local_documents([marked])) == list(shards.iter_local_documents([plain])) == ["hello world"]
 
 
 def test_parquet_errors_name_the_file(tmp_path):
