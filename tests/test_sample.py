@@ -142,3 +142,33 @@ def test_ctrl_c_while_sampling_is_one_line(tmp_path):
         process.kill()
     assert "newest readable checkpoint" in first, first + err
     assert process.returncode == 130 and err.strip() == "interrupted: no samples", err[-2000:]
+
+
+def test_generate_samples_from_the_tempered_distribution():
+    """4000 rows, one new token each, from a model of 6 token ids: the frequencies follow softmax(logits / T),
+    each row drawn on its own (rows that shared a draw, or a temperature ignored, would fail)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=6, real_vocab_size=6, n_layer=1, n_head=2, n_embd=16))
+    model.transformer.wte.weight.data *= 3  # logits a unit or two apart: T = 0.5 and 2 move every frequency
+    idx = torch.zeros(4000, 1, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(idx[:1])[0][0, -1].double()
+    for temperature in (0.5, 2.0):
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            drawn = model.generate(idx, 1, top_k=None, temperature=temperature, generator=generator)[:, -1]
+        frequencies = torch.bincount(drawn, minlength=6).double() / len(drawn)
+        expected = torch.softmax(logits / temperature, dim=-1)
+        assert (frequencies - expected).abs().max() < 0.03, (temperature, frequencies, expected)
+
+
+def test_a_long_prompt_leaves_its_last_block_size_tokens_to_the_model(tmp_path, monkeypatch):
+    from gpt2.sampling import sample_text
+    from gpt2.tokenizer import encode
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda idx, *args, **kwargs: seen.append(idx) or idx)
+    prompt = " ".join(f"word{i}" for i in range(30))
+    sample_text(model, prompt, num_samples=1, max_new_tokens=1)
+    assert seen[0][0].tolist() == encode(prompt)[-16:]
