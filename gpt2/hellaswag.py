@@ -137,6 +137,9 @@ def parse_example(line: str, where: str, style: str = "completion") -> dict:
     not_text = [key for key in keys if key not in ("endings", "label") and not isinstance(example[key], str)]
     if not_text:
         raise ValueError(f"{where}: {not_text[0]} must be a string, got {example[not_text[0]]!r:.80}")
+    if style == "completion" and not example["ctx"]:  # no token to predict an ending's first one from
+        raise ValueError(f"{where}: ctx is empty; a completion is scored given a context (--style harness "
+                         "builds one from activity_label, ctx_a and ctx_b)")
     endings = example["endings"]
     if not isinstance(endings, list) or not all(isinstance(ending, str) for ending in endings):
         raise ValueError(f"{where}: endings must be a list of strings, got {endings!r:.80}")

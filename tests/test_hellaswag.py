@@ -200,6 +200,7 @@ DROP = object()
     ("harness", {"ctx_b": None}, "ctx_b must be a string"),
     ("completion", {"label": 7}, "label must be 0, 1, 2 or 3 (the index of the right ending), got 7"),
     ("completion", {"label": -1}, "got -1"),
+    ("completion", {"ctx": ""}, "ctx is empty"),
 ])
 def test_bad_lines_are_errors_that_name_the_line(tmp_path, style, change, message):
     bad = {key: value for key, value in {**GOOD, **change}.items() if value is not DROP}
