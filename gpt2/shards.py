@@ -532,6 +532,8 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
 def _tokenizer_pool(workers: int):
     # forked workers keep the parent's handlers until _init_worker runs: a Ctrl-C there, or a SIGTERM from
     # Pool.terminate turned into KeyboardInterrupt by prepare_data.py's handler, would print a traceback
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
+        return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return multiprocessing.get_context().Pool(workers, initializer=_init_worker)

@@ -435,6 +435,19 @@ def test_busy_pool_workers_stop_without_a_traceback(tmp_path):
     assert result.stdout == "stopped\n" and result.stderr == "", result.stderr[-2000:]
 
 
+def test_a_pool_starts_from_another_thread_too(tmp_path):
+    """Signal handlers can only be set on the main thread: a producer run in a thread keeps them as they are."""
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(done=shards.write_shards(
+        [f"document {i} " * 20 for i in range(300)], tmp_path, "pool", 2000, source="test", workers=2,
+        progress=False)))
+    thread.start()
+    thread.join(timeout=120)
+    assert len(result["done"]["shards"]["train"]) > 1
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_pool_workers_start_under_every_start_method(tmp_path, start_method):
     """Under forkserver a worker's parent process is the server, not the producer: a worker that took the
