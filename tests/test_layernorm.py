@@ -227,7 +227,7 @@ def test_eps_on_rows_of_small_variance(device, poison):
     kernel that ignored its eps argument would pass every other test)."""
     for eps in (1e-5, 0.1):
         x = (torch.randn(37, 300, device=device) * 3e-3 + 2.0).requires_grad_()
-        weight, bias = torch.randn(300, device=device).requires_grad_(), torch.randn(300, device=device).requires_grad_()
+        weight, bias = (torch.randn(300, device=device).requires_grad_() for _ in range(2))
         grads = [torch.randn(37, 300, device=device)]
         got = run(lambda x, w, b: layer_norm(x, w, b, eps), [x, weight, bias], grads)
         ref = run(lambda x, w, b: F.layer_norm(x, (300,), w, b, eps), as_f64([x, weight, bias]), grads)
