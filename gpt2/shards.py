@@ -532,14 +532,15 @@ def write_shards(texts, folder, name, shard_size, *, source, val_shards=1, worke
 def _tokenizer_pool(workers: int):
     # forked workers keep the parent's handlers until _init_worker runs: a Ctrl-C there, or a SIGTERM from
     # Pool.terminate turned into KeyboardInterrupt by prepare_data.py's handler, would print a traceback
-    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
-        return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    main = threading.current_thread() is threading.main_thread()  # handlers are the main thread's to set
+    previous = ((signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL))
+                if main else None)
     try:
         return multiprocessing.get_context().Pool(workers, initializer=_init_worker)
     finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
 
 
 def _init_worker() -> None:
