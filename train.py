@@ -44,12 +44,12 @@ def main(argv=None) -> int:
         ddp, device = init_distributed(cfg.device)
         try:
             train(cfg, ddp, device)
+        except Interrupted as stop:  # Ctrl-C: a checkpoint was saved at the end of the step
+            if str(stop):  # before the process group goes: under torchrun the other ranks may be exiting
+                print(stop, file=sys.stderr, flush=True)
+            return stop.exit_code
         finally:
             shutdown_distributed()
-    except Interrupted as stop:  # Ctrl-C: a checkpoint was saved at the end of the step
-        if str(stop):
-            print(stop, file=sys.stderr)
-        return stop.exit_code
     except (TrainError, KernelsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

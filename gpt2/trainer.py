@@ -11,8 +11,8 @@ A folder that holds a run is refused unless --resume continues it or --overwrite
 first. Everything that can be checked without the model (flags, out_dir, data, HellaSwag file, that
 the model's vocabulary and positions fit them) is checked before it is built. Ctrl-C (or SIGTERM) stops
 the run at the end of the step it is in, with a checkpoint there (exit code 128 + the signal's number:
-130, 143); in an evaluation of a one-process run, at its next batch, with a checkpoint that evaluates
-again on resume; while the loader waits for prepare_data.py's shards, at once, saving the steps since
+130, 143); in an evaluation, at its next batch (under torchrun, at the next of the ranks' votes, every
+Run.VOTE_EVERY batches), with a checkpoint that evaluates again on resume; while the loader waits for prepare_data.py's shards, at once, saving the steps since
 the newest checkpoint if there are any. A second Ctrl-C stops at once. loss.png is redrawn after every
 evaluation and at the end of the run.
 
@@ -50,10 +50,11 @@ from gpt2.tokenizer import ENCODING_NAME, VOCAB_SIZE
 __all__ = ["PRESETS", "TrainConfig", "TrainError", "Interrupted", "Run", "make_config", "resume_config", "train"]
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "loss.png", "tensorboard"
+HELLASWAG_BATCH_SIZE = 16  # examples per forward
 
 
 class EvaluationStopped(Exception):
-    """A signal during an evaluation of a one-process run: the evaluation ends at its next batch."""
+    """A signal during an evaluation: it ends at its next batch (under DDP, at the ranks' next vote)."""
 
 
 class Interrupted(Exception):
@@ -285,6 +286,8 @@ class StopRequest:
 
 class Run:
     """One training run: the model, optimizer, loaders and logs, and the step loop over them."""
+
+    VOTE_EVERY = 8  # evaluation batches between the ranks' votes on a stop (each vote waits for the GPU)
 
     def __init__(self, cfg: TrainConfig, ddp: Distributed, device: torch.device):
         self.cfg, self.ddp, self.device = cfg, ddp, device
@@ -545,6 +548,8 @@ class Run:
                     raise TrainError(f"could not save the checkpoint {path} ({err}): free space in --out_dir, "
                                      "then continue from the newest checkpoint with --resume") from None
                 self.print(f"saved {path}")
+        if gather:  # no rank exits before the checkpoint is whole: torchrun then stops the others at once
+            self._barrier()
         self.saved_at, self.checkpoint_position = self.step, state
         return path if self.ddp.is_main else None
 
@@ -640,7 +645,7 @@ class Run:
                 total[0] += loss.detach().float() * tokens
                 total[1] += tokens
             progress.update(done)
-            self.stop_evaluation_if_signalled()
+            self.stop_evaluation_if_signalled(done, count)  # every rank runs count batches
         all_reduce_sum(total)
         if total[1] == 0:  # a split of 0 or 1 tokens, found only now in a folder still being written
             raise TrainError(f"the val split in {self.data_dir} has no target token: a validation loss needs at "
@@ -650,24 +655,38 @@ class Run:
     def evaluate_hellaswag(self) -> float:
         from gpt2.hellaswag import evaluate
 
-        mine = len(self.hellaswag[self.ddp.rank::self.ddp.world_size])
+        world, batch_size = self.ddp.world_size, HELLASWAG_BATCH_SIZE
+        mine = len(self.hellaswag[self.ddp.rank::world])
+        # ranks hold len // world examples or one more, so they may differ by a batch: all run this many
+        shared = -(-(len(self.hellaswag) // world) // batch_size)
         progress = SlowProgress(f"step {self.step:6d} | hellaswag", mine, self.ddp.is_main, unit="examples")
+        batches = 0
 
         def batch_done(examples: int):
+            nonlocal batches
+            batches += 1
             progress.update(examples)
-            self.stop_evaluation_if_signalled()
+            self.stop_evaluation_if_signalled(batches, shared)
 
-        result = evaluate(getattr(self.model, "module", self.model), self.hellaswag, self.device, rank=self.ddp.rank,
-                          world_size=self.ddp.world_size, autocast_dtype=self.dtype, progress=batch_done)
+        result = evaluate(getattr(self.model, "module", self.model), self.hellaswag, self.device,
+                          batch_size=batch_size, rank=self.ddp.rank, world_size=world, autocast_dtype=self.dtype,
+                          progress=batch_done)
         return result["acc_norm"]
 
-    def stop_evaluation_if_signalled(self):
-        """A one-process run stops an evaluation at a signal; the checkpoint it saves does the evaluation
-        again on resume. Under DDP the ranks would have to agree on the batch: the evaluation runs to its end
-        (a second Ctrl-C stops at once). Not done: torchrun kills its workers 30 s after it forwards a
-        signal, so a stop during a longer evaluation saves no checkpoint; a vote every few batches would
-        fix that (HellaSwag's ranks hold different numbers of batches)."""
-        if not self.ddp.enabled and self.stop.signum is not None:
+    def stop_evaluation_if_signalled(self, batch: int, shared: int):
+        """After an evaluation's batch-th batch, of which every rank runs the first `shared`: a signal stops
+        the evaluation, and the checkpoint then saved does it again on resume. One process stops at the
+        first batch after the signal. Under DDP the ranks vote every VOTE_EVERY of their shared batches, so
+        that all stop at the same one: torchrun kills its workers 30 s after it forwards a signal, too soon
+        for an evaluation of a large model to run to its end."""
+        if not self.ddp.enabled:
+            stop = self.stop.signum is not None
+        elif batch % self.VOTE_EVERY == 0 and batch <= shared:
+            vote = torch.tensor(float(self.stop.signum is not None), device=self.device)
+            stop = all_reduce_sum(vote).item() > 0
+        else:
+            return
+        if stop:
             raise EvaluationStopped
 
     def print_samples(self):

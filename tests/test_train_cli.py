@@ -16,7 +16,7 @@ import torch
 from gpt2 import shards
 from gpt2.runtime import Distributed
 import train
-from test_train import TINY, UNSHAPED, losses, run_train, stopped_at_step
+from test_train import TINY, UNSHAPED, losses, run_train, stopped_at_step, val_losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,15 +199,18 @@ def _worker_of_rank(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under {launcher_pid}: {children}")
 
 
+def torchrun_two_ranks(script_path, *args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script_path), *map(str, TINY), "--total_batch_size", "256", *map(str, args)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(small_data, tmp_path):
     """The ranks vote in the step's loss all-reduce: a SIGINT that reaches rank 1 alone still makes rank 0
     save the checkpoint of the step where both stop."""
     cut = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "train.py", *map(str, TINY), "--data", str(small_data), "--max_steps", "40",
-                            "--total_batch_size", "256", "--out_dir", str(cut)],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = torchrun_two_ranks("train.py", "--data", small_data, "--max_steps", 40, "--out_dir", cut)
     deadline = time.time() + 300
     while run.poll() is None and time.time() < deadline and not (
             (cut / "log.jsonl").exists() and (cut / "log.jsonl").read_text().count('"loss"') >= 2):
@@ -219,6 +222,44 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(small_data, tmp_
     assert f"interrupted at step {step}: saved {cut / f'ckpt_{step:06d}.pt'}" in err, err[-3000:]
     assert [p.name for p in cut.glob("ckpt_*.pt")] == [f"ckpt_{step:06d}.pt"]
 
+
+SIGNAL_RANK_1_IN_VALIDATION = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from gpt2.trainer import Run, SlowProgress
+import train
+
+Run.VOTE_EVERY = 1
+update = SlowProgress.update
+
+def updating(self, done):
+    if os.environ["RANK"] == "1" and "step      2 | validation" in self.what and done == 2:
+        signal.raise_signal(signal.SIGINT)
+    return update(self, done)
+
+SlowProgress.update = updating
+sys.exit(train.main())
+"""
+
+
+def test_under_torchrun_a_signal_on_one_rank_stops_the_evaluation_of_every_rank(small_data, tmp_path,
+                                                                                shared_data):
+    """The ranks vote after each batch of an evaluation (VOTE_EVERY 1) that all of them run: rank 1's SIGINT
+    in its second validation batch of step 2 (of 4) stops both ranks there, with a checkpoint. HellaSwag's
+    33 examples give rank 0 two batches and rank 1 one: a vote after rank 0's second would meet rank 1's
+    sum of the counts, and the run would hang or fail."""
+    wrapper = tmp_path / "train_signalled.py"
+    wrapper.write_text(SIGNAL_RANK_1_IN_VALIDATION.format(repo=REPO))
+    cut = tmp_path / "cut"
+    run = torchrun_two_ranks(wrapper, "--data", small_data, "--max_steps", 6, "--eval_interval", 2,
+                             "--eval_steps", 0, "--hellaswag_interval", 2, "--hellaswag_limit", 33,
+                             "--hellaswag_data", shared_data / "hellaswag_val.jsonl",
+                             "--out_dir", cut)
+    out, err = run.communicate(timeout=300)
+    assert "exitcode  : 130" in err, (out[-2000:], err[-3000:])  # torchrun's own exit code is 1
+    assert (f"interrupted at step 2 during its evaluation: saved {cut / 'ckpt_000002.pt'}; resume with --resume, "
+            "which evaluates it again") in err, err[-3000:]
+    assert len(val_losses(cut)) == 1 and len(losses(cut)) == 2  # step 0's evaluation, steps 0 and 1
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(small_data, tmp_path, capsys):
     args = ("--data", small_data, "--checkpoint_interval", 2)
