@@ -1,17 +1,17 @@
 r"""The GPU check: what a short GPU slot should measure first, in one command (at most 8 minutes on an H200).
 
     python benchmarks/gpu_check.py                    # on a GPU: writes benchmarks/results/<gpu>/
-    python benchmarks/gpu_check.py --budget 300       # seconds for all sections together (default 420)
+    python benchmarks/gpu_check.py --budget 300       # seconds for the whole check (default 420)
     python benchmarks/gpu_check.py --sections kernels-rest,step-B64   # a second command: the rest
     python benchmarks/gpu_check.py --smoke --out DIR  # on a CPU: every section at tiny sizes (CI)
 
 On a lent machine whose files come back only from one folder, and only a few of them, --archive keeps
 a .tar.gz of the results folder up to date after every section, so that a command stopped at its time
 limit still returns everything measured before. There the tree is a copy without .git: GPT2_COMMIT
-names the commit in the results. A 15-minute H200 slot's first command:
+names the commit in the results. A 15-minute H200 slot's first command (.cache/test_data: see below):
 
-    GPT2_COMMIT=<sha> timeout 570 python3 benchmarks/gpu_check.py --budget 540 --out gpu_results \
-        --archive $OUT/gpu_check.tar.gz
+    GPT2_COMMIT=<sha> GPT2_TEST_DATA=.cache/test_data timeout 570 python3 benchmarks/gpu_check.py \
+        --budget 540 --out gpu_results --archive $OUT/gpu_check.tar.gz
 
 and, if device time is left, one short second command for the sections the first skipped or did not
 finish (gpu_check.md says which), with a budget S of the device seconds left less a minute's margin,
@@ -25,9 +25,17 @@ replace theirs, the others are kept (a section skipped for time replaces nothing
 the environment (commit, date, command) it was measured in, named in gpu_check.md where it is not the
 latest run's. The device's ceilings (ceilings.json) are kept until a kernel section measures them again.
 
-(nothing to carry: the GPU tests and the step need no data files, and the children run with whichever
-Python started the check, there python3). A SIGTERM (the outer timeout's) or Ctrl-C kills the running
-child's process group and writes what was measured before the check ends.
+The children run with whichever Python started the check (there python3). The GPU tests read two files
+of the tests' data folder (conftest's GPT2_TEST_DATA): HellaSwag's validation set and the GPT-2 BPE. A
+machine that gets no copy of that folder skips the compiled HellaSwag test; to run it, copy them into
+an ignored folder of the checkout, carry it, and name it:
+
+    mkdir -p .cache/test_data && cp -r <tests' data>/hellaswag_val.jsonl <tests' data>/tiktoken_cache .cache/test_data/
+    # carry [".cache/test_data"], as the command above names it
+
+A SIGTERM (the outer timeout's) or Ctrl-C kills the running child's process group and writes what was
+measured before the check ends; a check killed outright (SIGKILL) leaves no child running: each kills
+its own group when its parent is gone.
 
 Sections, most important first; each runs in child processes of their own process groups (a crash is a
 finding, not the end of the check; at its time limit the whole group is killed, pytest included).
@@ -42,7 +50,8 @@ gpu_check.json are written as each section ends:
   step-B16      the GPT-2 124M training step (bench_train's: bf16 autocast, clip, AdamW) for torch and
                 triton, eager and torch.compile'd, and triton+compile with attention's atomic dq backward
                 (--no-deterministic): ms, tokens/s, MFU (datasheet bf16 peak), peak memory of the timed
-                steps, and the seconds to the first step (compilation and autotuning included)
+                steps, and the seconds to build and run the first steps (compilation and autotuning
+                included; the later providers of a child find the kernels the earlier ones compiled)
   kernels       the LayerNorm benchmarks at the four GPT-2 widths (64K rows) against torch.compile: all
                 bf16 (layernorm, add_layernorm) and the model's mixed path (fp32 residual + bf16 delta under
                 autocast, add_layernorm_model), then attention at T = 1024 and 4096 against the fastest
@@ -68,8 +77,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import types
+
+STARTED = time.perf_counter()  # --budget counts from here: torch's import and CUDA's start are in it
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -101,8 +113,8 @@ def sections(smoke: bool) -> list:
     return [
         ("tests", 90, 180, [["tests"]]),
         ("step-B16", 180, 240, [["steps", str(batch), *core]]),
-        # about 150 s (LayerNorm ~90, attention ~60); started with 120 s left, its rows being kept one by one
-        ("kernels", 120, 210, [["kernel", name] for name in KERNELS]),
+        # about 150 s (LayerNorm ~90, attention ~60); started with 100 s left, its rows being kept one by one
+        ("kernels", 100, 210, [["kernel", name] for name in KERNELS]),
         ("kernels-rest", 60, 120, [["kernel", name] for name in KERNELS_REST]),
         ("step-B64", 150, 210, [["steps", str(batch if smoke else 64), *core]]),
         ("ablation", 240, 300, [["steps", str(batch), *ablation]]),
@@ -179,6 +191,7 @@ def _time_training_step(provider: str, config: dict, device, peak, smoke: bool) 
     row["tokens_per_s"] = config["B"] * config["T"] / row["ms"] * 1e3
     if peak:
         row["mfu"] = bench_train.flops_per_step(config) / (row["ms"] / 1e3) / peak
+    if device.type == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
@@ -324,6 +337,7 @@ def child(argv) -> None:
     smoke = "--smoke" in argv
     argv = [a for a in argv if a != "--smoke"]
     kind, out_dir = argv[0], pathlib.Path(argv[1])
+    _die_with_parent()
     if smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if kind == "tests":
@@ -332,6 +346,20 @@ def child(argv) -> None:
         run_steps(int(argv[2]), argv[3:], smoke)
     else:
         run_kernel(argv[2], smoke, out_dir)
+
+
+def _die_with_parent() -> None:
+    """The parent kills a child's process group when it stops or times the child out; a parent killed
+    outright (SIGKILL: a tool's time limit, memory) cannot. Then the child does, so that nothing it
+    started (pytest, inductor's compile workers) goes on using the GPU beside a later command."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)  # this child's own group: it leads a session of its own
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +392,10 @@ def run_child(args, out_dir, smoke, timeout) -> dict:
         stdout, stderr = child.communicate(timeout=timeout)
         error = _exit_error(child.returncode)
     except (subprocess.TimeoutExpired, Stopped) as end:
-        os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started (pytest), not the child alone
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the child and whatever it started (pytest), not the child alone
+        except ProcessLookupError:  # the signal came as communicate() had reaped it
+            pass
         stdout, stderr = child.communicate()
         stopped = None if isinstance(end, subprocess.TimeoutExpired) else str(end)
         error = f"stopped by {stopped}" if stopped else f"timed out after {timeout:.0f} s"
@@ -387,15 +418,20 @@ def run_section(name, children, out_dir, smoke, timeout) -> dict:
     for args in children:
         label = args[1] if args[0] == "kernel" else None  # the benchmark's name
         left = None if timeout is None else timeout - (time.perf_counter() - start)
+        run = None
         if "stopped" in record or (left is not None and left < 1):
-            error, run = f"not started: the section was {'stopped' if 'stopped' in record else 'out of time'}", None
+            error = f"not started: the section was {'stopped' if 'stopped' in record else 'out of time'}"
         else:
-            run = run_child(args, out_dir, smoke, left)
-            record["result"] += run["rows"]
-            reported += len(run["rows"])
-            error = run["error"]
-            if run["stopped"]:
-                record["stopped"] = run["stopped"]
+            try:
+                run = run_child(args, out_dir, smoke, left)
+            except Stopped as stop:  # between two children: the rows of those before are kept
+                record["stopped"], error = str(stop), f"stopped by {stop}"
+            else:
+                record["result"] += run["rows"]
+                reported += len(run["rows"])
+                error = run["error"]
+                if run["stopped"]:
+                    record["stopped"] = run["stopped"]
         if error and label:
             record["result"].append({"benchmark": label, "error": error})
         if error:
@@ -574,7 +610,8 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (Triton interpreter), for CI")
-    parser.add_argument("--budget", type=seconds, default=420, help="seconds for all sections together")
+    parser.add_argument("--budget", type=seconds, default=420,
+                        help="seconds for the check, from its start: its sections start within them")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>); an earlier run's "
                                       "sections there are kept unless this run measures them again")
     parser.add_argument("--sections", help=f"comma list of the sections to run, in their order (default all: "
@@ -597,7 +634,8 @@ def main(argv=None) -> int:
         return 2
     device = _device(args.smoke)
     env = harness.environment(device)
-    out_dir = pathlib.Path(args.out) if args.out else harness.results_dir(env["device"])
+    # absolute: the children run in the repository's root, wherever the check was started
+    out_dir = pathlib.Path(args.out).resolve() if args.out else harness.results_dir(env["device"])
     problem = path_problem(out_dir, args.archive)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -620,7 +658,7 @@ def run_sections(args, chosen, out_dir, env, records, earlier=()) -> None:
     """The chosen sections in their order under args.budget, each appended to records as it ends, and the
     report (with the earlier run's sections this one does not replace) written after each."""
     names = [name for name, *_ in sections(args.smoke)]
-    deadline = time.perf_counter() + args.budget
+    deadline = STARTED + args.budget
     ceilings_fresh = False  # an earlier run's ceilings.json is kept until this run can measure them again
     for name, estimate, most, children in sections(args.smoke):
         if name not in chosen:

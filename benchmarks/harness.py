@@ -398,7 +398,7 @@ def markdown_table(bench, rows) -> str:
     ceiling = "copy" if bench.unit == "GB/s" else "matmul"
     extra = [(key, title) for key, title in (("tokens_per_s", "tokens/s"), ("of_datasheet", "% of datasheet"))
              if any(key in r for r in rows)]
-    head = [f"config | mode | provider | ms | {bench.unit} | % of {ceiling}", *(t for _, t in extra), "peak MB",
+    head = [f"config | mode | provider | ms | {bench.unit} | % of {ceiling}", *(t for _, t in extra), "peak MiB",
             f"vs {baseline_label(bench.baseline)}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 5)]
     for r in rows:

@@ -70,7 +70,8 @@ def test_gpu_check_sections_put_issue_14_first():
     assert sorted(kernels + rest) == sorted(name for name in discover() if name != "train")
     assert [gpu_check.TARGET_CONFIGS[name] for name in kernels] == [4, 4, 4, 2]  # the four widths; T = 1024, 4096
     assert "torch+compile" in found["ablation"][2][0]
-    assert found["tests"][1] + found["step-B16"][1] + found["kernels"][0] <= 540  # reached, even after slow ones
+    # reached at the first command's budget of 540 s, even after slow ones, with time to start them
+    assert found["tests"][1] + found["step-B16"][1] + found["kernels"][0] <= 540 - 20
     assert all(estimate <= most for estimate, most, _ in found.values())
 
 
@@ -129,11 +130,11 @@ def test_gpu_check_kernel_crash_costs_only_its_benchmark(tmp_path, monkeypatch):
     assert "### second" in report and "**killed by SIGSEGV**" in report.split("### second")[0]
 
 
-def test_gpu_check_sigterm_kills_the_running_child(tmp_path):
-    """The outer `timeout` signals the check alone (its children run in sessions of their own): the check
-    kills the running child's process group, and writes the rows measured before it stops."""
+def start_check_with_a_sleeping_child(tmp_path, child_prelude: str = ""):
+    """A check of two step sections whose child reports a row, starts a grandchild, and sleeps: (the
+    check's process, the pid of the grandchild once started, the results folder)."""
     pid_file, out = tmp_path / "pids", tmp_path / "out"
-    sleeper = ("import json, subprocess, sys, time\n"
+    sleeper = (f"{child_prelude}import json, subprocess, sys, time\n"
                "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
                "print('gpu_check row: ' + json.dumps({'provider': 'torch', 'B': 2, 'ms': 1.0, 'tokens_per_s': 1.0, "
                "'first_steps_s': 1.0}), flush=True)\n"
@@ -152,14 +153,30 @@ def test_gpu_check_sigterm_kills_the_running_child(tmp_path):
     else:
         parent.kill()
         raise AssertionError(parent.communicate()[0][-3000:])
+    return parent, int(pid_file.read_text()), out
+
+
+def test_gpu_check_sigterm_kills_the_running_child(tmp_path):
+    """The outer `timeout` signals the check alone (its children run in sessions of their own): the check
+    kills the running child's process group, and writes the rows measured before it stops."""
+    parent, grandchild, out = start_check_with_a_sleeping_child(tmp_path)
     parent.send_signal(signal.SIGTERM)
     output = parent.communicate(timeout=60)[0]
     assert parent.returncode == 1, output[-3000:]
-    grandchild = int(pid_file.read_text())
     wait_for(lambda: not running(grandchild), f"the running section's grandchild {grandchild} to end", timeout=5)
     report = (out / "gpu_check.md").read_text()
     assert "stopped by SIGTERM" in report and "| torch | 2 | 1.0 |" in report, report
     assert "## step-B64" not in report
+
+
+def test_gpu_check_killed_outright_leaves_no_child_running(tmp_path):
+    """SIGKILL gives the check no chance to kill its child's group: the child does, when its parent is gone
+    (here the fake child calls what gpu_check.child() calls first)."""
+    prelude = f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_check; gpu_check._die_with_parent()\n"
+    parent, grandchild, _ = start_check_with_a_sleeping_child(tmp_path, prelude)
+    parent.kill()
+    parent.communicate(timeout=60)
+    wait_for(lambda: not running(grandchild), f"the child's grandchild {grandchild} to end", timeout=5)
 
 
 def test_gpu_check_archive_and_sections(tmp_path):
@@ -418,6 +435,8 @@ def test_datasheet_peaks_tell_the_h200_parts_apart():
     assert peak_bf16_flops("NVIDIA H200") == 989e12
     assert peak_bf16_flops("NVIDIA H200 NVL") == 835e12
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12 and peak_bf16_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_bf16_flops("NVIDIA L40") == 181e12 and peak_bf16_flops("NVIDIA L40S") == 362e12
     assert peak_bf16_flops("Tesla T4") is None
 
 
