@@ -101,7 +101,10 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
 def restore_rng(checkpoint: dict) -> None:
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        # one state per GPU the saving process saw: a resume may see fewer (CUDA_VISIBLE_DEVICES, a smaller box)
+        states = checkpoint["rng"]["cuda"][:torch.cuda.device_count()]
+        for device, state in enumerate(states):
+            torch.cuda.set_rng_state(state, device)
 
 
 def load_model(path, device, kernels: str = "torch") -> GPT:

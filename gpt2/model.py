@@ -9,6 +9,7 @@ into the next LayerNorm (`add_layer_norm`), so that a fused kernel reads the str
 """
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -109,6 +110,20 @@ def add_layer_norm(ops, x, delta, ln: nn.LayerNorm):
     return ops.layernorm(x, delta, ln.weight, ln.bias, ln.eps)
 
 
+def _check_head_size(config: GPTConfig, ops) -> None:
+    """Found here, not at the first forward: a model the Triton attention cannot run."""
+    if "attention" not in ops.on_triton:
+        return
+    from kernels.attention import HEAD_DIMS
+
+    head_size = config.n_embd // config.n_head
+    if head_size not in HEAD_DIMS:
+        raise ops_module.KernelsError(
+            f"head size {head_size} (n_embd {config.n_embd} / n_head {config.n_head}): the Triton attention takes "
+            f"{', '.join(map(str, HEAD_DIMS))}; choose --n_embd and --n_head to match, or keep attention on "
+            "PyTorch (--kernels torch, or a --kernels list without attention)")
+
+
 class LoadError(RuntimeError):
     """GPT.from_pretrained could not read the weights (offline, or a damaged folder); the message says why."""
 
@@ -119,6 +134,7 @@ class GPT(nn.Module):
         super().__init__()
         self.ops = ops_module.resolve(ops if ops is not None else config.kernels)
         self.config = dataclasses.replace(config, kernels=self.ops.spec)  # what runs, as checkpoints record it
+        _check_head_size(config, self.ops)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -196,6 +212,8 @@ class GPT(nn.Module):
         The context is cropped to block_size; padded vocabulary ids are never produced. For a given
         torch.Generator (on idx's device) the result is deterministic.
         """
+        if not 0 <= temperature < math.inf:  # a negative one would favour the least likely tokens
+            raise ValueError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size:]
             logits, _ = self(context)
@@ -203,7 +221,9 @@ class GPT(nn.Module):
             if temperature == 0 or top_k == 1:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # in float64, where any positive temperature is not 0, and the maximum subtracted first: with a
+                # tiny temperature the quotients overflow to -inf (never drawn), not to inf - inf
+                logits = (logits.double() - logits.amax(dim=-1, keepdim=True)) / temperature
                 if top_k is not None and 0 < top_k < logits.size(-1):
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -12,8 +12,9 @@ import torch.distributed as dist
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # bf16 dense peak FLOP/s by GPU name, for MFU (datasheet numbers without sparsity; SXM parts, unless named)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
+                   "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
@@ -39,6 +40,10 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda (cuda:N for one GPU) or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: this machine has {count} GPU{'s' if count > 1 else ''}, "
+                         f"cuda:0 to cuda:{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     return device

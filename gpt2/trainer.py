@@ -496,10 +496,14 @@ class Run:
         except ValueError as err:
             raise TrainError(str(err)) from None
         self.raw_model.load_state_dict(checkpoint["model"])
+        # the moments come from the checkpoint, the groups' settings from this run: a --weight_decay given
+        # with --resume, and the optimizer of this --kernels and device (a FusedAdamW's groups have no
+        # "fused" key, and a torch AdamW loading them would turn its fused step off)
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        # the groups come back with the run's weight decay: a --weight_decay given with --resume replaces it
-        # in configure_optimizers' first group, the decayed one (the lr is set at every step)
-        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         states = checkpoint["loader_states"]

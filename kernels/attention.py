@@ -72,6 +72,7 @@ __all__ = ["flash_attention"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = math.log2(math.e)
 _MAX_GRID_Y = 65535  # (batch, head) is the grid's second axis
+HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernels are built for (a block holds a whole head)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,8 +474,8 @@ def _check(q, k, v):
         raise ValueError("flash_attention in the Triton interpreter (no CUDA device) takes float32 or float16, "
                         "not bfloat16: use --dtype float32, or --kernels torch")
     D = q.shape[-1]
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"flash_attention supports head dims 16, 32, 64, 128, got {D}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"flash_attention supports head dims {', '.join(map(str, HEAD_DIMS))}, got {D}")
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
         raise ValueError(f"flash_attention takes at most {_MAX_GRID_Y} batch x heads (CUDA's grid limit), got "
                          f"{q.shape[0]} x {q.shape[1]}: split the batch")

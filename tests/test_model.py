@@ -79,8 +79,18 @@ def test_initialisation_follows_gpt2():
     assert model.lm_head.weight is model.transformer.wte.weight
     assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
     scaled = 0.02 / math.sqrt(2 * model.config.n_layer)
-    assert abs(model.transformer.h[1].mlp.c_proj.weight.std().item() - scaled) < 0.1 * scaled
+    for projection in (model.transformer.h[1].mlp.c_proj, model.transformer.h[1].attn.c_proj):
+        assert abs(projection.weight.std().item() - scaled) < 0.1 * scaled
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_a_head_size_the_triton_attention_cannot_run_is_refused_when_the_model_is_built():
+    from gpt2.ops import resolve
+
+    config = GPTConfig(**{**TINY, "n_embd": 96, "n_head": 4})  # heads of 24
+    with pytest.raises(KernelsError, match=r"head size 24 \(n_embd 96 / n_head 4\).*--kernels torch"):
+        GPT(config, resolve("attention", "cpu"))
+    GPT(config, resolve("gelu,layernorm", "cpu"))  # attention on PyTorch: any head size
 
 
 def test_sequence_longer_than_block_size_is_an_error():
@@ -99,6 +109,28 @@ def test_from_pretrained_logits_equal_hf(hf_dir):
     # HF's Conv1D stores (in, out); ours must be the transpose, not a same-shaped accident
     key = "transformer.h.0." + HF_TRANSPOSED[0]
     assert torch.equal(model.state_dict()[key], hf.state_dict()[key].t())
+
+
+def test_from_pretrained_reads_the_hubs_own_layout(hf_dir, tmp_path):
+    """The hub's GPT-2 files predate transformers' prefixes: keys without "transformer.", no lm_head (tied),
+    and each layer's causal-mask buffers (attn.bias, attn.masked_bias), which hold no weights."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf_dir / "model.safetensors")
+    hub = {key.removeprefix("transformer."): value for key, value in state.items() if key != "lm_head.weight"}
+    positions = json.loads((hf_dir / "config.json").read_text())["n_positions"]
+    for layer in range(3):
+        hub[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(positions, positions)).view(1, 1, positions, positions)
+        hub[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_dir / "config.json").read_text())
+    save_file(hub, folder / "model.safetensors", metadata={"format": "pt"})
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(str(folder), kernels="torch").eval()
+    idx = torch.randint(0, 211, (2, 37))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
 
 
 def test_greedy_generation_equals_hf(hf_dir):
@@ -172,6 +204,18 @@ def test_top_k_never_samples_outside_top_k_or_padding(monkeypatch):
     assert set(out[:, 1:].flatten().tolist()) <= allowed
     full = model.generate(torch.zeros(4, 1, dtype=torch.long), max_new_tokens=50, top_k=None, temperature=5.0)
     assert full[:, 1:].max().item() < 100
+
+
+def test_temperature_0_and_tiny_ones_are_greedy_and_a_negative_one_is_refused():
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 100, (3, 4))
+    greedy = model.generate(idx, max_new_tokens=12, top_k=1)
+    for temperature in (0.0, 1e-300, 5e-324):  # 1e-300 is 0 in float32: the logits would divide by 0
+        out = model.generate(idx, max_new_tokens=12, temperature=temperature, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(out, greedy), temperature
+    assert not torch.equal(model.generate(idx, max_new_tokens=12, generator=torch.Generator().manual_seed(2)), greedy)
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or a positive number, got -1"):
+        model.generate(idx, max_new_tokens=1, temperature=-1.0)
 
 
 def test_top_k_0_or_less_means_no_top_k():

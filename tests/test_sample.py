@@ -28,6 +28,8 @@ def test_sample_reports_bad_input_without_traceback(tmp_path, capsys):
     assert sample.main(["--init_from", "gpt-9", "--device", "cpu"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert sample.main(["--init_from", str(tmp_path), "--kernels", "fastest", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "fastest" in err and "Traceback" not in err, err
 
 
 def test_top_k_0_samples_from_every_token_and_long_prompts_are_cropped(tmp_path, capsys):

@@ -473,6 +473,13 @@ def test_an_unknown_device_is_one_line(small_data, tmp_path, capsys):
                      match=f"--device {device}: not a device")
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    expect_error(capsys, "--data", small_data, "--out_dir", tmp_path, "--device", "cuda:3",
+                 match=r"--device cuda:3: this machine has 1 GPU, cuda:0 to cuda:0")
+
+
 # -- the audit's defects: one-line errors, a save that a full disk or a second Ctrl-C cannot break ---------
 
 def test_init_from_offline_is_one_line(small_data, tmp_path, capsys, monkeypatch):
