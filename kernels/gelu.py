@@ -22,7 +22,7 @@ from kernels.launch import cdiv, check_float_inputs, direct, no_double_backward,
 
 __all__ = ["gelu"]
 
-# 16 elements a thread: two 16-byte loads of bf16 per input. ptxas for sm_90: 32-37 registers a thread,
+# 16 elements a thread: two 16-byte loads of bf16 per input. ptxas for sm_90: 32-38 registers a thread,
 # so 16 programs share a multiprocessor with 64 KB of loads in flight. Not yet timed on a GPU.
 BLOCK = 2048
 NUM_WARPS = 4
