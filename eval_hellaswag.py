@@ -3,7 +3,7 @@
     python eval_hellaswag.py --model gpt2                        # acc 0.2859, acc_norm 0.2955
     python eval_hellaswag.py --model gpt2 --style harness        # acc 0.2892, acc_norm 0.3114
     python eval_hellaswag.py --model ./my_hf_dir --data hellaswag_val.jsonl --limit 500 --device cpu
-    torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --checkpoint log/model_19072.pt --out hs.json
+    torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --checkpoint out --out hs.json
 
 Prints {"acc", "acc_norm", "n", "cropped", "style", "model", "kernels", "dtype"} and writes it to --out.
 cropped counts the examples with an ending longer than the model's block_size, scored on its first block_size
@@ -23,14 +23,16 @@ def parse_args(argv=None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained directory")
-    source.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    source.add_argument("--checkpoint", help="a checkpoint written by train.py, or a run's folder: its newest "
+                                              "readable one")
     parser.add_argument("--data", help="local hellaswag_val.jsonl (default: download once into a cache)")
     parser.add_argument("--style", default="completion", choices=STYLES)
     parser.add_argument("--limit", type=int, help="score the first N examples only")
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
     parser.add_argument("--device", default="auto", help="auto, cuda, cpu, mps (torchrun: cuda:<local_rank>)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="autocast dtype of the forward")
-    parser.add_argument("--kernels", default="torch", help="torch, triton, or a comma list of ops (gpt2/ops.py)")
+    parser.add_argument("--kernels", default="torch",
+                        help="torch, triton, auto (triton on CUDA), or a comma list of ops (gpt2/ops.py)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (static padded shapes)")
     parser.add_argument("--out", help="write the result as JSON to this file (checked before the evaluation)")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Text -> GPT-2 token shards for train.py (the work is done by gpt2/shards.py).
+r"""Text -> GPT-2 token shards for train.py (the work is done by gpt2/shards.py).
 
     # tinyshakespeare, 90 % train / 10 % val, from the copy shipped in gpt2/assets (no network, no BPE):
     python prepare_data.py shakespeare --out data/shakespeare

@@ -1,4 +1,4 @@
-"""Text from GPT-2 weights (Hugging Face hub or a local save_pretrained directory) or a checkpoint.
+r"""Text from GPT-2 weights (Hugging Face hub or a local save_pretrained directory) or a checkpoint.
 
     python sample.py --init_from gpt2 --prompt "Hello, I'm a language model," --num_samples 5 \
         --max_new_tokens 30 --top_k 50 --seed 42
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--init_from", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF dir")
-    source.add_argument("--checkpoint", default=None, help="a checkpoint written by train.py")
+    source.add_argument("--checkpoint", default=None,
+                        help="a checkpoint written by train.py, or a run's folder: its newest readable one")
     parser.add_argument("--prompt", default="Hello, I'm a language model,")
     parser.add_argument("--num_samples", type=int, default=5)
     parser.add_argument("--max_new_tokens", type=int, default=30, help="tokens to add to the prompt (at least 1)")
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--kernels", default="torch", help="torch | triton | a comma list of ops (see gpt2/ops.py)")
+    parser.add_argument("--kernels", default="torch",
+                        help="torch | triton | auto (triton on CUDA) | a comma list of ops (see gpt2/ops.py)")
     args = parser.parse_args(argv)
     try:
         check_sampling_args(args.num_samples, args.max_new_tokens, args.top_k, args.temperature,

@@ -405,8 +405,10 @@ class Run:
             raise TrainError(f"{self.data_dir} holds token id {top}, but --init_from {self.cfg.init_from} has "
                              f"{vocab} token ids: fine-tune it on data tokenized for it")
         if top >= vocab:
-            raise TrainError(f"{self.data_dir} holds token id {top}, but --vocab_size is {vocab}: train with "
-                             f"--vocab_size {top + 1} or more (50304 for GPT-2's BPE)")
+            # only this batch's ids are known: the largest id of the data may lie further on
+            raise TrainError(f"{self.data_dir} holds token id {top}, but --vocab_size is {vocab}: train with a "
+                             f"--vocab_size above every id of the data's tokenizer, not only {top} (50304 for "
+                             "GPT-2's BPE)")
 
     def _build_model(self) -> GPT:
         cfg = self.cfg
@@ -521,7 +523,7 @@ class Run:
         if self.step >= self.cfg.max_steps:
             left = "" if self.evaluated_at_resume else " but this step's evaluations, cut short before"
             self.print(f"--max_steps is {self.cfg.max_steps}: nothing left to train{left} (a larger --max_steps trains "
-                       "on, its learning-rate schedule stretched to the new end)")
+                       "on, at the learning rate its longer schedule has at this step)")
 
     def _truncate_log(self, step: int, keep_evaluations: bool):
         """Drop the log lines of what the resumed run will do again, so the log reads as one run."""

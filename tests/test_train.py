@@ -453,7 +453,7 @@ def test_vocab_and_block_size_must_fit_the_data_and_the_model(small_data, tmp_pa
     assert not (tmp_path / "b").exists()
     # a folder without meta.json says nothing of its tokens: the first batch with a larger id stops the run
     expect_error(capsys, "--data", small_data, "--out_dir", tmp_path / "c", "--vocab_size", 100,
-                 match="but --vocab_size is 100: train with --vocab_size")
+                 match="but --vocab_size is 100: train with a --vocab_size above every id of the data's tokenizer")
     # it failed before its first step: the corrected rerun is not refused
     assert run_train("--data", small_data, "--out_dir", tmp_path / "c", "--max_steps", 1) == 0
 
