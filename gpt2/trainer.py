@@ -798,6 +798,10 @@ class Run:
         self.print(f"{self.ops.describe()} device={self.device} dtype={self.dtype} compile={self.compile} "
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
+        if cfg.warmup_steps > cfg.max_steps:
+            self.print(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}: the learning "
+                       f"rate rises to {learning_rate(cfg.max_steps - 1, cfg):.2e} at most, not to --learning_rate "
+                       f"{cfg.learning_rate:.2e}")
         if self.resumed_at is None:
             self.log({"step": 0, "run": self.describe()})
         try:

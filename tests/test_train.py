@@ -473,6 +473,12 @@ def test_an_unknown_device_is_one_line(small_data, tmp_path, capsys):
                      match=f"--device {device}: not a device")
 
 
+def test_a_warmup_longer_than_the_run_is_said(small_data, tmp_path, capsys):
+    assert run_train("--data", small_data, "--out_dir", tmp_path, "--max_steps", 1, "--warmup_steps", 4) == 0
+    assert ("note: --warmup_steps 4 is more than --max_steps 1: the learning rate rises to 2.50e-04 at most, not "
+            "to --learning_rate 1.00e-03") in capsys.readouterr().out
+
+
 def test_a_gpu_index_past_the_machines_gpus_is_one_line(small_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
