@@ -390,7 +390,9 @@ class Run:
         self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95),
                                                              device.type)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == "float16")
-        self.model = torch.compile(self.raw_model) if self.compile else self.raw_model
+        # dynamic=False: the step, validation and HellaSwag's padded lengths are a few fixed shapes; a
+        # dynamic graph for the second would be pinned to one B * T by the cross-entropy's chunking anyway
+        self.model = torch.compile(self.raw_model, dynamic=False) if self.compile else self.raw_model
         if ddp.enabled:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -443,9 +443,11 @@ def _last_dim_contiguous(x):
 
 
 def _empty_bthd(like, dtype=None):
-    """A (B, H, T, D) tensor whose memory is laid out (B, T, H, D), as the model wants it back."""
+    """A (B, H, T, D) tensor whose memory is laid out (B, T, H, D), as the model wants it back. Made by
+    torch.empty, not empty_strided: AOTAutograd merges identical empty_strided calls (every layer's o, dq,
+    dk, dv) into one buffer that inductor then copies before each kernel writes it."""
     B, H, T, D = like.shape
-    return torch.empty_strided((B, H, T, D), (T * H * D, D, H * D, 1), dtype=dtype or like.dtype, device=like.device)
+    return torch.empty((B, T, H, D), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
 
 
 def _tuning_bucket(T):

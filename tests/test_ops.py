@@ -113,3 +113,52 @@ def test_no_op_gives_a_silent_zero_second_derivative(device):
     for op, call in calls:
         with pytest.raises(RuntimeError, match=f"{op} has no double backward"):
             torch.autograd.grad(call().sum(), x, create_graph=True)
+
+
+COMPILED_STEP_GRAPHS = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path[:0] = [{benchmarks!r}, {repo!r}]
+import torch, stub_gpu
+stub_gpu.install(90)
+from functorch.compile import min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+from gpt2.model import GPT, GPTConfig
+from gpt2.ops import resolve
+
+graphs = []
+def keep(graph, example_inputs):
+    graphs.append(graph)
+    return graph
+
+backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=256), resolve("triton", "cuda"))
+idx = torch.randint(0, 256, (2, 64))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
+loss.backward()
+forward, backward = graphs
+print(json.dumps([node.name for node in backward.graph.nodes if node.op == "placeholder"]))
+"""
+
+
+def test_compiled_step_saves_no_allocation_for_the_backward():
+    """AOTAutograd, as torch.compile runs it, on a stub GPU (Triton compiles for sm_90 and launches
+    nothing; no C++ compiler needed): the all-Triton model traces in one graph, and no buffer the kernels
+    write into reaches the backward as a saved input. AOTAutograd merges identical allocations other than
+    aten.empty (every layer's attention output made by one empty_strided call, say) into one, which
+    inductor then copies before each kernel writes it: four (B, T, C) copies per layer and step."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    script = COMPILED_STEP_GRAPHS.format(benchmarks=str(repo / "benchmarks"), repo=str(repo))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "tangents_1" in saved
+    assert not [name for name in saved if name.startswith("empty")], saved
