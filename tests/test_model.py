@@ -344,3 +344,30 @@ def test_unreachable_hub_is_a_clear_error():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "pass a local directory written by save_pretrained" in result.stderr
+
+
+@pytest.mark.gpu
+def test_compiled_triton_model_trains_like_eager():
+    """The model as train.py runs it on a GPU: every op on Triton (the fp32 residual stream and bf16 sublayer
+    outputs of add_layer_norm under autocast), torch.compile'd in one graph; its loss and every gradient
+    against the same model in eager mode, whose ops launch the same kernels directly."""
+    from gpt2.ops import resolve
+
+    device = torch.device("cuda")
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=128, vocab_size=512),
+                resolve("triton", device)).to(device)
+    idx, targets = torch.randint(0, 512, (2, 4, 128), device=device).unbind()
+
+    def loss_and_grads(runnable):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = runnable(idx, targets)
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    want_loss, want = loss_and_grads(model)
+    got_loss, got = loss_and_grads(torch.compile(model, dynamic=False, fullgraph=True))
+    assert abs(got_loss - want_loss) <= 1e-2 * abs(want_loss), (got_loss, want_loss)
+    for name, grad in got.items():
+        err = ((grad - want[name]).norm() / want[name].norm()).item()
+        assert err < 5e-2, f"{name}: the compiled gradient is {err:.1e} off the eager one (relative norm)"
