@@ -115,7 +115,8 @@ def load_model(path, device, kernels: str = "torch") -> GPT:
         if newest is None:
             raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in the folder {path}")
         path, checkpoint, _ = newest
-        print(f"{path}: the newest readable checkpoint in the folder", file=sys.stderr)
+        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):  # once under torchrun
+            print(f"{path}: the newest readable checkpoint in the folder", file=sys.stderr)
     else:
         checkpoint = load_checkpoint(path)
     model = GPT(GPTConfig(**checkpoint["model_config"]), resolve(kernels, device))
