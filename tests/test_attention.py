@@ -149,6 +149,15 @@ def test_separate_tensors_and_scale(causal, deterministic, device):
     check_separate_tensors(*separate_qkv(2, 3, 33, 32, device), causal, 0.3, deterministic)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_head_dimension_that_is_not_contiguous(deterministic, device):
+    """q, k, v whose last dimension has a stride of its own (a transposed (B, H, D, T) tensor): the kernels
+    read D as contiguous, so the launchers make it so, forward and backward."""
+    q, k, v = (torch.randn(1, 2, 32, 37, device=device).transpose(-1, -2).requires_grad_() for _ in range(3))
+    assert q.stride(-1) != 1
+    check_separate_tensors(q, k, v, True, 0.3, deterministic)
+
+
 def test_atomic_dq_is_zeroed_before_every_autotuning_trial(device, monkeypatch):
     """Training autotunes the atomic dk/dv kernel: each trial launch adds its dq into DQ_ACC before the real
     launch does, so the autotuner must zero DQ_ACC before every launch (reset_to_zero), or dq comes out

@@ -36,6 +36,8 @@ def make_inputs(n_rows, n_cols, width, dtype, device, ignored=0.25, logit_std=2.
     weight = torch.randn(n_cols, width, device=device) * logit_std / width**0.5
     targets = torch.randint(0, n_cols, (n_rows,), device=device)
     targets[torch.rand(n_rows, device=device) < ignored] = -1
+    if ignored < 1 and n_rows > 0:  # the first and last class, which random draws miss
+        targets[-2:] = torch.tensor([0, n_cols - 1])[-n_rows:]
     return h.to(dtype), weight.to(dtype), targets
 
 
@@ -114,18 +116,19 @@ def test_default_chunks_bound_the_logits():
     assert default_chunk_rows(16384, 50304, torch.bfloat16) == 2341
 
 
-def under_autocast(fn, device_type):
-    """fn with its forward under bf16 autocast; run() calls the backward after it, as training does."""
+def under_autocast(fn, device_type, dtype=torch.bfloat16):
+    """fn with its forward under autocast; run() calls the backward after it, as training does."""
     def forward(*args, **kwargs):
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=dtype):
             return fn(*args, **kwargs)
     return forward
 
 
 @pytest.mark.parametrize("path", ["eager", "compile"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_autocast_dtypes(reduction, path, device, monkeypatch, poison):
-    """Under bf16 autocast, the forward in it and the backward after it (as training runs the head): every
+@pytest.mark.parametrize("reduction,autocast", [("mean", torch.bfloat16), ("none", torch.bfloat16),
+                                                ("mean", torch.float16)])
+def test_autocast_dtypes(reduction, autocast, path, device, monkeypatch, poison):
+    """Under bf16 (or fp16) autocast, the forward in it and the backward after it (as training runs the head): every
     logits chunk is bf16, the recomputed ones of the backward of "none" too, where autocast is off by then
     (the forward must pass its compute dtype on); softmax in fp32; dh in h's dtype, dW in W's fp32, loss
     fp32. Both paths."""
@@ -141,14 +144,15 @@ def test_autocast_dtypes(reduction, path, device, monkeypatch, poison):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     h, weight, targets = make_inputs(37, 1000, 32, torch.float32, device)
     grad = output_grad(37, reduction, device)
-    got = run(under_autocast(linear_cross_entropy, device.type), h, weight, targets, grad, reduction=reduction,
-              chunk_rows=10)
+    got = run(under_autocast(linear_cross_entropy, device.type, autocast), h, weight, targets, grad,
+              reduction=reduction, chunk_rows=10)
     chunks = 4 if reduction == "mean" else 8  # 37 rows, 10 a chunk; "none" recomputes them in its backward
-    assert seen == [torch.bfloat16] * chunks, f"the kernel saw logits chunks of {[str(d) for d in seen]}"
-    same = run(under_autocast(torch_cross_entropy, device.type), h, weight, targets, grad, reduction=reduction)
+    assert seen == [autocast] * chunks, f"the kernel saw logits chunks of {[str(d) for d in seen]}"
+    same = run(under_autocast(torch_cross_entropy, device.type, autocast), h, weight, targets, grad,
+               reduction=reduction)
     ref = run(torch_cross_entropy, h.double(), weight.double(), targets, grad.double(), reduction=reduction)
     assert [t.dtype for t in got] == [torch.float32] * 3
-    assert_fair(["loss", "dh", "dweight"], got, same, ref, torch.bfloat16)
+    assert_fair(["loss", "dh", "dweight"], got, same, ref, autocast)
 
 
 def reference_ignoring(ignore_index):
@@ -208,6 +212,21 @@ def test_no_grad_computes_no_gradients(device, monkeypatch):
         loss = linear_cross_entropy(h, weight, targets, chunk_rows=10)
     assert seen == [None] and loss.grad_fn is None
     torch.testing.assert_close(loss.double(), torch_cross_entropy(h.detach().double(), weight.double(), targets))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_frozen_head_or_input_gets_no_gradient_and_the_other_its_own(reduction, device, poison):
+    """Fine-tuning with the lm_head frozen (or h frozen): only the other gradient, against float64."""
+    h, weight, targets = make_inputs(37, 1000, 32, torch.float32, device)
+    for frozen in ("weight", "h"):
+        ours = [h.detach().clone().requires_grad_(frozen != "h"), weight.detach().clone().requires_grad_(frozen != "weight")]
+        ref = [t.detach().double().requires_grad_(t.requires_grad) for t in ours]
+        linear_cross_entropy(*ours, targets, reduction=reduction, chunk_rows=10).backward()
+        torch_cross_entropy(*ref, targets, reduction=reduction).backward()
+        for got, want in zip(ours, ref):
+            assert (got.grad is None) == (want.grad is None), frozen
+            if want.grad is not None:
+                assert (got.grad.double() - want.grad).abs().max().item() < 1e-5, frozen
 
 
 def test_no_rows(device):

@@ -178,27 +178,28 @@ def test_add_layer_norm_with_only_y_used(delta_dtype, path, device, monkeypatch,
 
 
 @pytest.mark.parametrize("path", ["eager", "compile"])
-def test_autocast_writes_y_in_the_matmul_dtype(path, device, monkeypatch, poison):
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+def test_autocast_writes_y_in_the_matmul_dtype(autocast, path, device, monkeypatch, poison):
     """As the model runs it under bf16 autocast: fp32 residual x, bf16 sublayer output delta. The sum
     stays fp32; y is written once in bf16 (what the next matmul reads), equal to PyTorch's fp32
     LayerNorm rounded to bf16; its gradient arrives in bf16. layer_norm alone (ln_f, or the first
     block's ln_1 on fp32 x) writes its y in bf16 too. Both ops, on both paths: each public function
-    passes the autocast dtype to its own launcher call on each path."""
+    passes the autocast dtype to its own launcher call on each path; fp16 autocast (--dtype float16) alike."""
     if path == "compile":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     x, delta, weight, bias = make_inputs((37, 768), torch.float32, device, n=2)
-    inputs = [x, delta.detach().bfloat16().requires_grad_(), weight, bias]
-    grads = [torch.randn(37, 768, device=device), torch.randn(37, 768, device=device).bfloat16()]
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    inputs = [x, delta.detach().to(autocast).requires_grad_(), weight, bias]
+    grads = [torch.randn(37, 768, device=device), torch.randn(37, 768, device=device).to(autocast)]
+    with torch.autocast(device.type, dtype=autocast):
         got = run(add_layer_norm, inputs, grads)
         got_ln = run(layer_norm, [x, weight, bias], grads[1:])
     ref = run(torch_add_layer_norm, as_f64(inputs), [grads[0], grads[1].double()])
     ref_ln = run(lambda x, w, b: F.layer_norm(x, (768,), w, b), as_f64([x, weight, bias]), [grads[1].double()])
-    assert [t.dtype for t in got[:4]] == [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
-    assert [t.dtype for t in got_ln[:2]] == [torch.bfloat16, torch.float32]
+    assert [t.dtype for t in got[:4]] == [torch.float32, autocast, torch.float32, autocast]
+    assert [t.dtype for t in got_ln[:2]] == [autocast, torch.float32]
     for y, r in ((got[1], ref[1]), (got_ln[0], ref_ln[0])):
-        bf16_ulp = 2.0**-7 * r.abs()  # one ulp: the GPU rounds to nearest, the Triton 3.9 interpreter truncates
-        assert ((y.double() - r).abs() <= bf16_ulp + 1e-6).all(), "y is not fp32 LayerNorm rounded to bf16"
+        ulp = torch.finfo(autocast).eps * r.abs()  # one: the GPU rounds to nearest, the Triton 3.9 interpreter truncates
+        assert ((y.double() - r).abs() <= ulp + 1e-6).all(), f"y is not fp32 LayerNorm rounded to {autocast}"
     for name, g, r in zip(["x + delta", "dx", "dweight", "dbias", "layer_norm dx", "layer_norm dweight",
                            "layer_norm dbias"],
                           [got[0], got[2], got[4], got[5], *got_ln[1:]], [ref[0], ref[2], ref[4], ref[5], *ref_ln[1:]]):
@@ -222,9 +223,12 @@ def test_compile_path_runs_the_same_launches(device, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled_path))
 
 
-def test_eps_on_rows_of_small_variance(device, poison):
+@pytest.mark.parametrize("path", ["eager", "compile"])
+def test_eps_on_rows_of_small_variance(path, device, monkeypatch, poison):
     """Rows whose variance is of eps's size, eps 1e-5 and 0.1: eps is a large part of rstd there (and a
-    kernel that ignored its eps argument would pass every other test)."""
+    kernel, or a path, that ignored its eps argument would pass every other test)."""
+    if path == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for eps in (1e-5, 0.1):
         x = (torch.randn(37, 300, device=device) * 3e-3 + 2.0).requires_grad_()
         weight, bias = (torch.randn(300, device=device).requires_grad_() for _ in range(2))
@@ -234,6 +238,34 @@ def test_eps_on_rows_of_small_variance(device, poison):
         for name, g, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
             err = (g.double() - r).abs().max().item()
             assert err < 1e-4 * max(1.0, r.abs().max().item()), f"eps {eps}, {name}: max error {err:.3e}"
+
+
+def test_the_widest_row_and_nothing_written_past_the_end(device, monkeypatch):
+    """Rows of 16384, the widest taken, and of 700 in a block of 1024 columns, its last block of rows
+    partial: the masked lanes neither store nor load. Each output the launchers allocate with empty_like is
+    the front of a larger buffer whose guard band (longer than a block row) holds a sentinel."""
+    guard, sentinel = 2048, 1234.0
+    bands = []
+    empty_like = torch.empty_like
+
+    def guarded_empty_like(t, *, dtype=None, **kwargs):
+        buffer = torch.full((t.numel() + guard,), sentinel, dtype=dtype or t.dtype, device=t.device)
+        bands.append(buffer[t.numel():])
+        return buffer[:t.numel()].view(t.shape)
+
+    for shape in ((1, 16384), (37, 700)):
+        x, weight, bias = make_inputs(shape, torch.float32, device)
+        grads = [torch.randn(shape, device=device)]
+        ref = run(lambda x, w, b: F.layer_norm(x, shape[-1:], w, b), as_f64([x, weight, bias]), grads)
+        monkeypatch.setattr(torch, "empty_like", guarded_empty_like)
+        got = run(layer_norm, [x, weight, bias], grads)
+        monkeypatch.setattr(torch, "empty_like", empty_like)
+        assert len(bands) >= 2, "y and dx come from empty_like"
+        assert all((band == sentinel).all() for band in bands), f"{shape}: written past the end of an output"
+        bands.clear()
+        for name, g, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
+            err = (g.double() - r).abs().max().item()
+            assert err < 1e-4 * max(1.0, r.abs().max().item()), f"{shape}, {name}: max error {err:.3e}"
 
 
 def test_the_sum_is_rounded_before_it_is_normalized(device, poison):
