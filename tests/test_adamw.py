@@ -139,6 +139,14 @@ def test_alignment_flag_covers_every_tensor(device, monkeypatch):
     flags = [flag for _, flag in launches]
     assert flags == aligned, f"ALIGNED passed {flags}, tables aligned {aligned}"
     assert True in aligned and False in aligned
+    # an aligned parameter whose grad is a misaligned view (a slice of a flat buffer, as DDP's buckets are)
+    launches.clear()
+    aligned_param = torch.nn.Parameter(torch.randn(64, 65, device=device))
+    flat = torch.randn(64 * 65 + 1, device=device)
+    aligned_param.grad = flat[1:].view(64, 65)
+    FusedAdamW([aligned_param], **HYPER).step()
+    flags = [flag for _, flag in launches]
+    assert flags and not any(flags), f"a misaligned grad must turn ALIGNED off: {flags}"
 
 
 def test_state_dict_round_trip(device):
@@ -170,6 +178,39 @@ def test_state_dict_round_trip(device):
     assert step.dtype == torch.float32 and step.device == torch_params[0].device and step.item() == 8
     run([back], [torch_params], steps=2, start=8)
     assert max_rel_err(torch_params, params) <= 1e-6, f"through torch: {max_rel_err(torch_params, params):.2e}"
+
+
+def test_a_rollback_and_a_replaced_storage_at_unchanged_grad_addresses(device):
+    """The launch tables are cached by address. Grads filled in place keep theirs, so a cached table must
+    still see a load_state_dict into an optimizer that has stepped (its moments and step are new tensors),
+    and a parameter whose storage was replaced (p.data = ...): both against torch's AdamW doing the same."""
+    params = make_params(device)
+    theirs_params = clone_params(params)
+    ours = FusedAdamW(groups(params), **HYPER)
+    theirs = torch.optim.AdamW(groups(theirs_params), **HYPER, foreach=False)
+    for p in (*params, *theirs_params):
+        p.grad = torch.zeros_like(p)
+
+    def step():
+        for p, q in zip(params, theirs_params):
+            g = torch.randn(p.shape, device=p.device)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        ours.step()
+        theirs.step()
+
+    step()
+    saved_ours, saved_theirs = copy.deepcopy(ours.state_dict()), copy.deepcopy(theirs.state_dict())
+    step()
+    ours.load_state_dict(saved_ours)
+    theirs.load_state_dict(saved_theirs)
+    step()
+    assert max_rel_err(params, theirs_params) <= 1e-6, f"after the rollback: {max_rel_err(params, theirs_params):.2e}"
+    for p, q in zip(params, theirs_params):
+        p.data, q.data = p.data.clone(), q.data.clone()
+    step()
+    step()
+    assert max_rel_err(params, theirs_params) <= 1e-6, f"after p.data = ...: {max_rel_err(params, theirs_params):.2e}"
 
 
 @pytest.mark.parametrize("max_norm", [1.0, 1e4])  # clipping active, inactive
