@@ -91,7 +91,7 @@ from gpt2.files import write_atomic  # noqa: E402  (no torch: the parent stays l
 
 CORE = ("torch", "torch+compile", "triton", "triton+compile")
 ATOMIC = "triton+compile+atomic"
-KERNELS = ("layernorm", "add_layernorm", "add_layernorm_model", "attention")  # the LayerNorm and attention targets, first
+KERNELS = ("layernorm", "add_layernorm", "add_layernorm_model", "attention")  # the LN and attention targets first
 KERNELS_REST = ("gelu", "adamw", "adamw_clip", "cross_entropy")
 
 # how many of a kernel benchmark's first configs the kernel sections time: those its targets are set at

@@ -115,7 +115,8 @@ def load_model(path, device, kernels: str = "torch") -> GPT:
         if newest is None:
             raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in the folder {path}")
         path, checkpoint, _ = newest
-        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):  # once under torchrun
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_rank() == 0:  # once under torchrun, not once per rank
             print(f"{path}: the newest readable checkpoint in the folder", file=sys.stderr)
     else:
         checkpoint = load_checkpoint(path)

@@ -12,9 +12,9 @@ first. Everything that can be checked without the model (flags, out_dir, data, H
 the model's vocabulary and positions fit them) is checked before it is built. Ctrl-C (or SIGTERM) stops
 the run at the end of the step it is in, with a checkpoint there (exit code 128 + the signal's number:
 130, 143); in an evaluation, at its next batch (under torchrun, at the next of the ranks' votes, every
-Run.VOTE_EVERY batches), with a checkpoint that evaluates again on resume; while the loader waits for prepare_data.py's shards, at once, saving the steps since
-the newest checkpoint if there are any. A second Ctrl-C stops at once. loss.png is redrawn after every
-evaluation and at the end of the run.
+Run.VOTE_EVERY batches), with a checkpoint that evaluates again on resume; while the loader waits for
+prepare_data.py's shards, at once, saving the steps since the newest checkpoint if there are any. A
+second Ctrl-C stops at once. loss.png is redrawn after every evaluation and at the end of the run.
 
 With --delete_consumed_shards (and --checkpoint_interval > 0), a shard is deleted only once every rank
 has read it and the newest checkpoint stands past it: --resume after a crash, even kill -9, finds every
@@ -801,9 +801,9 @@ class Run:
                    f"ranks={self.ddp.world_size} params={self.raw_model.num_params() / 1e6:.2f}M "
                    f"grad_accum={self.grad_accum} tokens/step={cfg.total_batch_size}")
         if cfg.warmup_steps > cfg.max_steps:
-            self.print(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}: the learning "
-                       f"rate rises to {learning_rate(cfg.max_steps - 1, cfg):.2e} at most, not to --learning_rate "
-                       f"{cfg.learning_rate:.2e}")
+            self.print(f"note: --warmup_steps {cfg.warmup_steps} is more than --max_steps {cfg.max_steps}: the "
+                       f"learning rate rises to {learning_rate(cfg.max_steps - 1, cfg):.2e} at most, not to "
+                       f"--learning_rate {cfg.learning_rate:.2e}")
         if self.resumed_at is None:
             self.log({"step": 0, "run": self.describe()})
         try:
