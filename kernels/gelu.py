@@ -22,8 +22,9 @@ from kernels.launch import cdiv, check_float_inputs, direct, no_double_backward,
 
 __all__ = ["gelu"]
 
-# 16 elements a thread: two 16-byte loads of bf16 per input. ptxas for sm_90: 32-38 registers a thread,
-# so 16 programs share a multiprocessor with 64 KB of loads in flight. Not yet timed on a GPU.
+# 16 elements a thread: two 16-byte loads of bf16 per input. ptxas for sm_90: 32-38 registers a thread
+# (allocated as 32 or 40), so 16 or 12 programs share a multiprocessor, with 64 or 48 KB of loads of x in
+# flight. Not yet timed on a GPU.
 BLOCK = 2048
 NUM_WARPS = 4
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)   # constexpr: a jit function may read only constexpr globals

@@ -50,6 +50,20 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+SENTINEL = 1234.0
+
+
+def guarded_empty_like(bands: list, guard: int):
+    """A torch.empty_like whose tensor is the front of a larger buffer: the guard elements past its end hold
+    SENTINEL, and each guard band is appended to bands. A store past the end lands there and shows, instead
+    of corrupting the heap."""
+    def empty_like(t, *, dtype=None, **kwargs):
+        buffer = torch.full((t.numel() + guard,), SENTINEL, dtype=dtype or t.dtype, device=t.device)
+        bands.append(buffer[t.numel():])
+        return buffer[:t.numel()].view(t.shape)
+    return empty_like
+
+
 def need_shared_file(path: pathlib.Path) -> pathlib.Path:
     """path (inside the shared data folder) if it exists; else a skip, or in CI a failure."""
     if not path.exists():

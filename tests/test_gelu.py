@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SENTINEL, guarded_empty_like
 from kernels.gelu import BLOCK, _gelu_op, gelu
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -73,22 +74,16 @@ def test_nothing_written_past_the_end(dtype, device, monkeypatch):
     allocates is the front of a larger one whose guard band past the end holds a sentinel, and x and dy are
     the fronts of larger tensors: a store past the end lands in the guard band and shows here, instead of
     corrupting the heap, and a load past the end reads memory the test owns."""
-    n, guard, sentinel = 2 * BLOCK + 1, 64, 1234.0
+    n, guard = 2 * BLOCK + 1, 64
     bands = []
-
-    def guarded_empty_like(t, *, dtype=None, memory_format=None, **kwargs):
-        buffer = torch.full((t.numel() + guard,), sentinel, dtype=dtype or t.dtype, device=t.device)
-        bands.append(buffer[t.numel():])
-        return buffer[:t.numel()].view(t.shape)
-
-    monkeypatch.setattr(torch, "empty_like", guarded_empty_like)
+    monkeypatch.setattr(torch, "empty_like", guarded_empty_like(bands, guard))
     x = (torch.randn(n + guard, device=device) * 3 + 0.5).to(dtype)[:n].requires_grad_()  # run() would copy
     dy = torch.randn(n + guard, device=device).to(dtype)[:n]
     y = gelu(x)
     y.backward(dy)
     assert len(bands) == 2, "the forward and the backward each allocate their output"
     for band in bands:
-        assert (band == sentinel).all(), f"written past the end: {band[band != sentinel][:4].tolist()}"
+        assert (band == SENTINEL).all(), f"written past the end: {band[band != SENTINEL][:4].tolist()}"
     same, ref = run(torch_gelu, x, dy), run(torch_gelu, x.double(), dy.double())
     for name, g, t, r in zip(["y", "dx"], [y.detach(), x.grad], same, ref):
         err, torch_err = (g.double() - r).abs().max().item(), (t.double() - r).abs().max().item()

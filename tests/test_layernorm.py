@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SENTINEL, guarded_empty_like
 from kernels import layernorm
 from kernels.layernorm import add_layer_norm, layer_norm, layer_norm_ref
 
@@ -244,24 +245,17 @@ def test_the_widest_row_and_nothing_written_past_the_end(device, monkeypatch):
     """Rows of 16384, the widest taken, and of 700 in a block of 1024 columns, its last block of rows
     partial: the masked lanes neither store nor load. Each output the launchers allocate with empty_like is
     the front of a larger buffer whose guard band (longer than a block row) holds a sentinel."""
-    guard, sentinel = 2048, 1234.0
     bands = []
     empty_like = torch.empty_like
-
-    def guarded_empty_like(t, *, dtype=None, **kwargs):
-        buffer = torch.full((t.numel() + guard,), sentinel, dtype=dtype or t.dtype, device=t.device)
-        bands.append(buffer[t.numel():])
-        return buffer[:t.numel()].view(t.shape)
-
     for shape in ((1, 16384), (37, 700)):
         x, weight, bias = make_inputs(shape, torch.float32, device)
         grads = [torch.randn(shape, device=device)]
         ref = run(lambda x, w, b: F.layer_norm(x, shape[-1:], w, b), as_f64([x, weight, bias]), grads)
-        monkeypatch.setattr(torch, "empty_like", guarded_empty_like)
+        monkeypatch.setattr(torch, "empty_like", guarded_empty_like(bands, guard=2048))
         got = run(layer_norm, [x, weight, bias], grads)
         monkeypatch.setattr(torch, "empty_like", empty_like)
         assert len(bands) >= 2, "y and dx come from empty_like"
-        assert all((band == sentinel).all() for band in bands), f"{shape}: written past the end of an output"
+        assert all((band == SENTINEL).all() for band in bands), f"{shape}: written past the end of an output"
         bands.clear()
         for name, g, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
             err = (g.double() - r).abs().max().item()
