@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt2.ops import torch_attention
 from harness import OpBench
 from kernels.attention import attention_ref, flash_attention
 
@@ -54,6 +53,10 @@ def triton_attention(q, k, v):
 
 def triton_attention_atomic(q, k, v):
     return flash_attention(q, k, v, causal=True, deterministic=False)
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def sdpa_forced(backend):
@@ -82,7 +85,7 @@ BENCHMARKS = [
         providers={
             "triton": triton_attention,
             "triton-atomic": triton_attention_atomic,
-            "torch": torch_attention,
+            "torch": sdpa,
             "torch-flash": sdpa_forced(SDPBackend.FLASH_ATTENTION),
             "torch-cudnn": sdpa_forced(SDPBackend.CUDNN_ATTENTION),
             "torch-efficient": sdpa_forced(SDPBackend.EFFICIENT_ATTENTION),

@@ -129,21 +129,22 @@ def _leaves(inputs):
 
 
 def _op_step(fn, inputs, mode):
-    """A zero-argument callable that runs one `mode` of fn on inputs."""
+    """A zero-argument callable that runs one `mode` of fn on inputs. The gradients are returned by
+    autograd.grad, as the op made them, not added into .grad: that copies a gradient whose strides differ
+    from its input's (attention's dq, dk, dv are views of one d(qkv) buffer), which is no cost of the op."""
     if mode == "forward":
         return lambda: fn(*inputs)
+    leaves = _leaves(inputs)
     outs = [o for o in _as_tuple(fn(*inputs)) if o.requires_grad]
     grads = [torch.randn_like(o) for o in outs]
     if mode == "backward":
-        return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
-    return lambda: torch.autograd.backward([o for o in _as_tuple(fn(*inputs)) if o.requires_grad], grads)
+        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+    return lambda: torch.autograd.grad([o for o in _as_tuple(fn(*inputs)) if o.requires_grad], leaves, grads,
+                                       allow_unused=True)
 
 
-def _peak_mb(step, device, leaves=()) -> float:
-    """Peak MiB allocated while one step() runs, from what is held before it: the inputs, without the
-    gradients that the timed runs left in them (do_bench clears them before each run, not after the last)."""
-    for t in leaves:
-        t.grad = None
+def _peak_mb(step, device) -> float:
+    """Peak MiB allocated while one step() runs, from what is held before it (the inputs)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
@@ -205,9 +206,9 @@ def _time_op_mode(bench: OpBench, fn, config, mode, device, ceilings) -> dict:
     """One row's measurements; its inputs are freed when it returns, or raises."""
     inputs = bench.make_inputs(config, device, bench.dtype)
     step = _op_step(fn, inputs, mode)
-    ms = do_bench(step, grad_to_none=_leaves(inputs))
+    ms = do_bench(step)
     work_rate = rate(bench.unit, bench.work(config, mode), ms)
-    return {"ms": ms, "peak_MB": _peak_mb(step, device, _leaves(inputs)), "rate": work_rate,
+    return {"ms": ms, "peak_MB": _peak_mb(step, device), "rate": work_rate,
             "of_ceiling": work_rate / ceiling_of(bench.unit, ceilings)}
 
 

@@ -57,7 +57,7 @@ def fwd_bwd(fn, *shapes, dtype=torch.float32):
 def cases():
     """name -> (PyTorch's call, ours): each a zero-argument function doing one forward + backward."""
     from gpt2.ops import torch_attention, torch_cross_entropy, torch_gelu, torch_layernorm
-    from kernels import add_layer_norm, flash_attention, gelu, layer_norm, linear_cross_entropy
+    from kernels import add_layer_norm, flash_attention_qkv, gelu, layer_norm, linear_cross_entropy
 
     rows, C, V = 8, 64, 256
     targets = torch.randint(0, V, (rows,))
@@ -67,8 +67,8 @@ def cases():
         "add_layernorm": (fwd_bwd(torch_layernorm, (rows, C), (rows, C), (C,), (C,)),
                           fwd_bwd(add_layer_norm, (rows, C), (rows, C), (C,), (C,))),
         "gelu": (fwd_bwd(torch_gelu, (rows, C)), fwd_bwd(gelu, (rows, C))),
-        "attention": (fwd_bwd(torch_attention, *[(1, 2, 16, 64)] * 3),
-                      fwd_bwd(flash_attention, *[(1, 2, 16, 64)] * 3)),
+        "attention": (fwd_bwd(lambda qkv: torch_attention(qkv, 2), (1, 16, 3 * 2 * 64)),  # 2 heads of 64
+                      fwd_bwd(lambda qkv: flash_attention_qkv(qkv, 2), (1, 16, 3 * 2 * 64))),
         "cross_entropy": (fwd_bwd(lambda h, w: torch_cross_entropy(h, w, targets), (rows, C), (V, C)),
                           fwd_bwd(lambda h, w: linear_cross_entropy(h, w, targets), (rows, C), (V, C))),
         "layernorm floor": (fwd_bwd(lambda x, w, b: torch_layernorm(x, None, w, b)[1], (rows, C), (C,), (C,)),

@@ -66,13 +66,9 @@ class CausalSelfAttention(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = self.ops.attention(q, k, v)                                   # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)                  # (B, T, C)
+        # q, k, v side by side (B, T, 3C) in, the heads side by side (B, T, C) out: the Triton attention
+        # writes d(qkv) as one tensor, where dq, dk, dv of separate heads would be concatenated
+        y = self.ops.attention(self.c_attn(x), self.n_head)
         return self.c_proj(y)
 
 

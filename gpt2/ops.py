@@ -47,9 +47,13 @@ class Op:
 # PyTorch's implementations
 
 
-def torch_attention(q, k, v):
-    """Causal attention over (B, H, T, D) tensors."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+def torch_attention(qkv, n_head):
+    """Causal attention over the n_head heads of qkv (B, T, 3C), q, k and v side by side in its last
+    dimension -> (B, T, C), the heads side by side."""
+    B, T, C3 = qkv.shape
+    q, k, v = (t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
 
 
 def torch_layernorm(x, delta, weight, bias, eps=1e-5):
@@ -78,8 +82,8 @@ def torch_cross_entropy(h, weight, targets, reduction="mean"):
 # the registry: one entry per op
 
 OPS = (
-    Op("attention", torch_attention, "kernels.attention:flash_attention",
-       "(q, k, v), each (B, H, T, D) -> causal softmax attention (B, H, T, D)",
+    Op("attention", torch_attention, "kernels.attention:flash_attention_qkv",
+       "(qkv (B, T, 3C), n_head) -> causal softmax attention over the heads (B, T, C)",
        nondeterministic={"deterministic": False}),
     Op("layernorm", torch_layernorm, "kernels.layernorm:add_layer_norm",
        "(x, delta | None, weight, bias, eps) -> (x + delta, LayerNorm(x + delta))"),

@@ -1,7 +1,8 @@
 """Flash attention (forward and backward) in Triton, causal or not, for q, k, v of shape (B, H, T, D).
 
-    from kernels import flash_attention
+    from kernels import flash_attention, flash_attention_qkv
     y = flash_attention(q, k, v, causal=True)           # (B, H, T, D)
+    y = flash_attention_qkv(qkv, n_head)                # qkv (B, T, 3C) -> (B, T, C): the model's call
 
 Forward, one program per (query block, batch*head): one pass over the key/value blocks with an online
 softmax, never materialising the T x T matrix. With S = sm_scale * Q K^T, per query row i:
@@ -45,9 +46,14 @@ the diagonal and inside T run unmasked; only the diagonal blocks and the ragged 
 pay for a mask.
 
 Layout: q, k, v may be any strided views whose last dimension is contiguous -- in the model they are
-slices of one (B, T, 3C) tensor, read in place. The output and the gradients are allocated with the
-memory layout (B, T, H, D) and returned as (B, H, T, D) views of it (strides (T*H*D, D, H*D, 1)), so
-the model's `y.transpose(1, 2).contiguous()` costs nothing.
+slices of one (B, T, 3C) tensor, read in place. The output is allocated with the memory layout
+(B, T, H, D) and returned as a (B, H, T, D) view of it (strides (T*H*D, D, H*D, 1)), so that
+`y.transpose(1, 2)` is contiguous: the (B, T, C) the output projection takes. dq, dk and dv are written
+into one (B, T, 3C) tensor, d(qkv), in the layout of the model's qkv: flash_attention returns its three
+(B, H, T, D) views, flash_attention_qkv (which takes qkv itself) returns it whole. For the model that saves
+a pass over memory that torch.compile cannot save: autograd concatenates separate dq, dk, dv (SDPA's)
+into d(qkv), reading and writing 3C elements per token per layer; at GPT-2 124M, B = 16, T = 1024 in
+bf16, 151 MB a layer, 1.8 GB a step.
 
 Design limits: self-attention only (q, k, v share B, H, T); B * H at most 65535; head dim a power of two
 from 16 to 128; fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products,
@@ -67,7 +73,7 @@ from torch.library import triton_op
 
 from kernels.launch import cdiv, check_float_inputs, direct, next_power_of_2, no_double_backward, traced
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "flash_attention_qkv"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = math.log2(math.e)
@@ -310,12 +316,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qt, stride_dot, 
 
 
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,           # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
+    Q, K, V, DO, DQKV, LSE, DELTA, DQ_ACC,             # (B, H, T, D) strided; LSE, DELTA: (B, H, T) fp32
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt,                # dk and dv share one layout
+    stride_gb, stride_gh, stride_gt, stride_gs,        # DQKV: dq, dk, dv in one buffer, each stride_gs further
     stride_dqb, stride_dqh, stride_dqt,                # DQ_ACC: fp32 (B, H, T, D), zeroed; read only if ATOMIC_DQ
     H, T, T_BUCKET, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,   # PRECISION: of tl.dot
@@ -360,9 +366,31 @@ def _attn_bwd_dkdv(
                          offs_n, tl.maximum(lo, t_whole), T, T, qk_scale, sm_scale,
                          HEAD_DIM, BLOCK_M, False, True, not CAUSAL, PRECISION, ATOMIC_DQ)
 
-    out = off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
+    out = DQKV + off_b * stride_gb + off_h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+    tl.store(out + stride_gs, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=cols)
+    tl.store(out + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=cols)
+
+
+@triton.jit
+def _bwd_dq_cast(
+    DQ_ACC, DQKV,                                      # DQ_ACC: fp32 (B, H, T, D); DQKV: dq's slot is first
+    stride_ab, stride_ah, stride_at,
+    stride_gb, stride_gh, stride_gt,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The atomic backward's last pass: dq, added up in fp32, written in d(qkv)'s dtype. A kernel, not a
+    copy into a slice of d(qkv): under torch.compile that copy rewrites the whole buffer, twice."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (offs_m < T)[:, None]
+    dq = tl.load(DQ_ACC + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_at + offs_d[None, :],
+                 mask=rows)
+    tl.store(DQKV + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
+             dq.to(DQKV.dtype.element_ty), mask=rows)
 
 
 # Two kernels of one source, each with its own autotuner: the atomic one holds a dq tile more, so other
@@ -502,20 +530,43 @@ def _forward(q, k, v, causal, sm_scale, launch):
     return o, lse
 
 
+def _heads(qkv, n_head):
+    """q, k, v: (B, H, T, D) views of qkv (B, T, 3C), which holds them side by side in its last dimension."""
+    B, T, C3 = qkv.shape
+    return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _split_heads(y, n_head):
+    """(B, T, C) -> (B, H, T, D), a view where it can be one."""
+    B, T, C = y.shape
+    return y.reshape(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def _merge_heads(o):
+    """(B, H, T, D) in (B, T, H, D) memory -> the (B, T, C) view of it: the heads side by side."""
+    B, H, T, D = o.shape
+    return o.transpose(1, 2).view(B, T, H * D)
+
+
 def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
-    """(dq, dk, dv), each (B, H, T, D) in (B, T, H, D) memory. deterministic: dq by a kernel of its own
-    (bitwise reproducible); else added up in fp32 by the dk/dv programs with atomics, in whatever order
-    they arrive, then cast (5 matmuls per block pair instead of 7)."""
+    """d(qkv): dq, dk and dv side by side in one (B, T, 3C) tensor, as the gradient of the (B, T, 3C) qkv
+    that the model slices q, k and v from (`_heads` gives the three (B, H, T, D) views of it). One
+    buffer, passed whole to the kernels: under torch.compile a kernel writing into a slice of a buffer is
+    followed by a copy of the buffer, and three buffers by autograd's concatenation of them.
+    deterministic: dq by a kernel of its own (bitwise reproducible); else added up in fp32 by the dk/dv
+    programs with atomics, in whatever order they arrive, then cast (5 matmuls per block pair instead of 7)."""
     do = _last_dim_contiguous(do)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     B, H, T, D = q.shape
+    dqkv = torch.empty((B, T, 3 * H * D), dtype=q.dtype, device=q.device)
+    dqkv_strides = (3 * T * H * D, D, 3 * H * D)  # (b, h, t) of each (B, H, T, D) slot; slot 0 is dq
     delta = torch.empty_like(lse)
-    dk, dv = _empty_bthd(k), _empty_bthd(v)
-    # the atomic path's fp32 accumulator; the deterministic path passes dq, never read, in its place
-    dq = _empty_bthd(q, None if deterministic else torch.float32)
-    block_delta = 32 if _INTERPRET else 64
-    launch(_bwd_delta)[(cdiv(T, block_delta), B * H)](
-        o, do, delta, dq, *_bht(o), *_bht(do), *_bht(dq), H, T, HEAD_DIM=D, BLOCK_M=block_delta,
+    # the atomic path's fp32 accumulator; the deterministic path passes lse, never written, in its place (not
+    # dqkv or delta: under torch.compile a buffer a kernel writes and also reads under another name is copied)
+    dq_acc = lse if deterministic else _empty_bthd(q, torch.float32)
+    block_rows = 32 if _INTERPRET else 64
+    launch(_bwd_delta)[(cdiv(T, block_rows), B * H)](
+        o, do, delta, dq_acc, *_bht(o), *_bht(do), *_bht(dq_acc), H, T, HEAD_DIM=D, BLOCK_M=block_rows,
         ZERO_DQ=not deterministic,
     )
 
@@ -528,17 +579,20 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
     qk_scale = sm_scale * _LOG2E
     t_bucket = _tuning_bucket(T)
     launch(_dkdv_kernel if deterministic else _dkdv_dq_kernel)[dkdv_grid](
-        q, k, v, do, dk, dv, lse, delta, dq, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dq),
-        H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
+        q, k, v, do, dqkv, lse, delta, dq_acc, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *dqkv_strides, H * D,
+        *_bht(dq_acc), H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
         ATOMIC_DQ=not deterministic,
     )
     if not deterministic:
-        return dq.to(q.dtype), dk, dv
+        launch(_bwd_dq_cast)[(cdiv(T, block_rows), B * H)](
+            dq_acc, dqkv, *_bht(dq_acc), *dqkv_strides, H, T, HEAD_DIM=D, BLOCK_M=block_rows,
+        )
+        return dqkv
     launch(_attn_bwd_dq)[dq_grid](
-        q, k, v, do, dq, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
+        q, k, v, do, dqkv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *dqkv_strides,
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
-    return dq, dk, dv
+    return dqkv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,8 +608,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 @triton_op("gpt2::flash_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, causal: bool, sm_scale: float,
-                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      lse: torch.Tensor, causal: bool, sm_scale: float, deterministic: bool) -> torch.Tensor:
     return _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, traced)
 
 
@@ -566,11 +619,36 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, do, _dlse):
-    dq, dk, dv = _attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    q = ctx.saved_tensors[0]
+    dqkv = _attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic)
+    return *_heads(dqkv, q.shape[1]), None, None, None
 
 
 torch.library.register_autograd("gpt2::flash_attention_fwd", _op_backward, setup_context=_op_setup)
+
+
+# the heads of one (B, T, 3C) qkv in, (B, T, C) out: an op of its own, whose gradient is d(qkv) itself
+@triton_op("gpt2::flash_attention_qkv_fwd", mutates_args=())
+def _attention_qkv_op(qkv: torch.Tensor, n_head: int, causal: bool, sm_scale: float,
+                      deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _forward(*_heads(qkv, n_head), causal, sm_scale, traced)
+    return _merge_heads(o), lse
+
+
+def _qkv_op_setup(ctx, inputs, output):
+    qkv, ctx.n_head, ctx.causal, ctx.sm_scale, ctx.deterministic = inputs
+    ctx.save_for_backward(qkv, *output)
+
+
+def _qkv_op_backward(ctx, dy, _dlse):
+    qkv, y, lse = ctx.saved_tensors
+    H = ctx.n_head
+    dqkv = _attention_bwd_op(_split_heads(dy, H), *_heads(qkv, H), _split_heads(y, H), lse, ctx.causal, ctx.sm_scale,
+                             ctx.deterministic)
+    return dqkv, None, None, None, None
+
+
+torch.library.register_autograd("gpt2::flash_attention_qkv_fwd", _qkv_op_backward, setup_context=_qkv_op_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,8 +666,28 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         no_double_backward("flash_attention")
-        dq, dk, dv = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct)
-        return dq, dk, dv, None, None, None
+        q = ctx.saved_tensors[0]
+        dqkv = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct)
+        return *_heads(dqkv, q.shape[1]), None, None, None
+
+
+class _AttentionQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, n_head, causal, sm_scale, deterministic):
+        o, lse = _forward(*_heads(qkv, n_head), causal, sm_scale, direct)
+        y = _merge_heads(o)
+        ctx.save_for_backward(qkv, y, lse)
+        ctx.n_head, ctx.causal, ctx.sm_scale, ctx.deterministic = n_head, causal, sm_scale, deterministic
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        no_double_backward("flash_attention_qkv")
+        qkv, y, lse = ctx.saved_tensors
+        H = ctx.n_head
+        dqkv = _backward(_split_heads(dy, H), *_heads(qkv, H), _split_heads(y, H), lse, ctx.causal, ctx.sm_scale,
+                         ctx.deterministic, direct)
+        return dqkv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +709,14 @@ def attention_ref(q, k, v, causal=True, sm_scale=None, upcast=True):
     return y if upcast else y.to(dtype)
 
 
+def _scale(sm_scale, head_dim):
+    if sm_scale is None:
+        return head_dim ** -0.5
+    if not 0 < sm_scale < 1e30:  # times log2(e) in fp32 in the kernel: finite
+        raise ValueError(f"flash_attention wants 0 < sm_scale < 1e30, got {sm_scale}")
+    return float(sm_scale)
+
+
 def flash_attention(q, k, v, causal=True, sm_scale=None, deterministic=True):
     """softmax(sm_scale * q k^T (+ causal mask)) v for q, k, v (B, H, T, D); sm_scale defaults to 1/sqrt(D).
 
@@ -618,10 +724,25 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, deterministic=True):
     deterministic=False: a backward that adds dq up with fp32 atomics, two matmuls per block pair fewer,
     whose dq can differ in its last bits from run to run (dk and dv stay bitwise reproducible).
     """
-    if sm_scale is None:
-        sm_scale = q.shape[-1] ** -0.5
-    if not 0 < sm_scale < 1e30:  # times log2(e) in fp32 in the kernel: finite
-        raise ValueError(f"flash_attention wants 0 < sm_scale < 1e30, got {sm_scale}")
+    sm_scale = _scale(sm_scale, q.shape[-1])
     if torch.compiler.is_compiling():
-        return _attention_op(q, k, v, causal, float(sm_scale), bool(deterministic))[0]
-    return _AttentionFunction.apply(q, k, v, causal, float(sm_scale), bool(deterministic))
+        return _attention_op(q, k, v, causal, sm_scale, bool(deterministic))[0]
+    return _AttentionFunction.apply(q, k, v, causal, sm_scale, bool(deterministic))
+
+
+def flash_attention_qkv(qkv, n_head, causal=True, sm_scale=None, deterministic=True):
+    """flash_attention over the n_head heads of qkv (B, T, 3C), which holds q, k and v side by side in its
+    last dimension, as one linear layer makes them. Returns (B, T, C), the heads side by side, as the output
+    projection takes them.
+
+    Its backward returns d(qkv) as the one tensor its kernels wrote. flash_attention on slices of qkv hands
+    dq, dk and dv to autograd, which concatenates them into d(qkv): a read and a write of 3C elements per
+    token more.
+    """
+    if qkv.dim() != 3 or type(n_head) is not int or n_head < 1 or qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"flash_attention_qkv wants qkv (B, T, 3 * n_head * head_dim) and n_head >= 1, got "
+                         f"{tuple(qkv.shape)} and n_head {n_head!r}")
+    sm_scale = _scale(sm_scale, qkv.shape[-1] // (3 * n_head))
+    if torch.compiler.is_compiling():
+        return _attention_qkv_op(qkv, n_head, causal, sm_scale, bool(deterministic))[0]
+    return _AttentionQKVFunction.apply(qkv, n_head, causal, sm_scale, bool(deterministic))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels import attention, launch
-from kernels.attention import attention_ref, flash_attention
+from kernels.attention import attention_ref, flash_attention, flash_attention_qkv
 
 gpu = pytest.mark.gpu
 
@@ -30,10 +30,15 @@ def split_heads(qkv, H):
     return [t.view(B, T, H, C3 // (3 * H)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2)]
 
 
-def run(attention, qkv, H, do, **kwargs):
-    """Output and d(qkv) = [dq | dk | dv] of `attention` applied to the heads of qkv."""
+def run(attention, qkv, H, do, packed=None, **kwargs):
+    """Output (B, H, T, D) and d(qkv) = [dq | dk | dv] of `attention` applied to the heads of qkv; packed
+    (flash_attention_qkv, or a compiled one): it takes qkv itself and returns the heads side by side."""
     qkv = qkv.detach().clone().requires_grad_()
-    y = attention(*split_heads(qkv, H), **kwargs)
+    if packed or (packed is None and attention is flash_attention_qkv):
+        B, T, C3 = qkv.shape
+        y = attention(qkv, H, **kwargs).view(B, T, H, C3 // (3 * H)).transpose(1, 2)
+    else:
+        y = attention(*split_heads(qkv, H), **kwargs)
     y.backward(do)
     return y.detach(), qkv.grad
 
@@ -52,11 +57,12 @@ def sdpa(q, k, v, causal=True, sm_scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
 
 
-def check_against_reference(B, H, T, D, causal, dtype, device, atol, deterministic=True):
-    """Output and d(qkv) of flash_attention on q, k, v made as the model makes them, against float64."""
+def check_against_reference(B, H, T, D, causal, dtype, device, atol, deterministic=True, attention=flash_attention):
+    """Output and d(qkv) of flash_attention on q, k, v made as the model makes them (or of
+    flash_attention_qkv on qkv itself), against float64."""
     qkv, _ = model_qkv(B, H, T, D, dtype, device)
     do = torch.randn(B, H, T, D, dtype=dtype, device=device)
-    got = run(flash_attention, qkv, H, do, causal=causal, deterministic=deterministic)
+    got = run(attention, qkv, H, do, causal=causal, deterministic=deterministic)
     want = run(attention_ref, qkv.double(), H, do.double(), causal=causal)
     lowp = run(sdpa, qkv, H, do, causal=causal)
     assert got[1].dtype == dtype
@@ -96,6 +102,34 @@ def test_atomic_backward_matches_reference(B, H, T, D, causal, dtype, device, po
     unzeroed) shows."""
     check_against_reference(B, H, T, D, causal, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3,
                             deterministic=False)
+
+
+@pytest.mark.parametrize("B, H, T, D, causal, dtype, deterministic", [
+    (1, 3, 17, 64, True, torch.float32, True),
+    (3, 1, 1, 32, True, torch.float32, False),
+    (2, 3, 130, 32, False, torch.float16, True),
+    (1, 2, 100, 16, True, torch.float16, False),
+    (2, 1, 37, 128, False, torch.float32, False),
+])
+def test_packed_matches_reference(B, H, T, D, causal, dtype, deterministic, device, poison):
+    """flash_attention_qkv, the model's attention: q, k, v read from one (B, T, 3C) tensor and d(qkv)
+    written into one; every buffer starts as NaN (poison), so a slot of d(qkv) left unwritten shows."""
+    check_against_reference(B, H, T, D, causal, dtype, device, atol=1e-5 if dtype == torch.float32 else 2e-3,
+                            deterministic=deterministic, attention=flash_attention_qkv)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_packed_layouts(deterministic, device):
+    """y is (B, T, C) and contiguous, as c_proj takes it; d(qkv) is one contiguous (B, T, 3C) tensor (no
+    concatenation made it); flash_attention's dq, dk, dv are the three (B, H, T, D) views of such a tensor."""
+    B, H, T, D = 2, 3, 5, 16
+    qkv, (q, k, v) = model_qkv(B, H, T, D, torch.float32, device)
+    y = flash_attention_qkv(qkv, H, deterministic=deterministic)
+    assert y.shape == (B, T, H * D) and y.is_contiguous()
+    y.backward(torch.randn_like(y))
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    dq, dk, dv = torch.autograd.grad(flash_attention(q, k, v, deterministic=deterministic).sum(), (q, k, v))
+    assert dq.shape == (B, H, T, D) and dk.data_ptr() - dq.data_ptr() == dv.data_ptr() - dk.data_ptr() == H * D * 4
 
 
 AUTOTUNED = [(attention._attn_fwd, attention._FWD_CANDIDATES), (attention._attn_bwd_dq, attention._DQ_CANDIDATES),
@@ -281,6 +315,15 @@ def test_rejects_bad_shapes(device):
         flash_attention(many, many, many)
 
 
+def test_packed_rejects_bad_shapes(device):
+    qkv = torch.randn(1, 8, 96, device=device)
+    for bad_qkv, n_head in ((qkv, 5), (qkv, 0), (qkv, 2.0), (qkv[0], 1)):
+        with pytest.raises(ValueError, match=r"qkv \(B, T, 3 \* n_head \* head_dim\) and n_head >= 1"):
+            flash_attention_qkv(bad_qkv, n_head)
+    with pytest.raises(ValueError, match="head dims 16, 32, 64, 128, got 8"):
+        flash_attention_qkv(qkv, 4)
+
+
 def test_rejects_bad_dtypes_and_devices(device):
     """fp64 would run at fp32 precision forward and give wrong gradients; integers fail inside Triton."""
     q = torch.randn(1, 1, 8, 32, device=device)
@@ -300,17 +343,18 @@ def test_rejects_bad_dtypes_and_devices(device):
             flash_attention(*[q.bfloat16()] * 3)
 
 
+@pytest.mark.parametrize("attention", [flash_attention, flash_attention_qkv])
 @pytest.mark.parametrize("deterministic, causal", [(True, True), (False, False)])
-def test_compile_path_runs_the_same_launches(deterministic, causal, device, monkeypatch):
-    """The custom ops torch.compile traces and the eager autograd.Function share their launchers (the
-    interpreter runs the atomic adds in one order: bitwise equal there too), and the forward op hands causal,
-    sm_scale and deterministic on to its backward."""
+def test_compile_path_runs_the_same_launches(deterministic, causal, attention, device, monkeypatch):
+    """The custom ops torch.compile traces and the eager autograd.Functions share their launchers (the
+    interpreter runs the atomic adds in one order: bitwise equal there too), and the forward ops hand causal,
+    sm_scale and deterministic on to their backward."""
     qkv, _ = model_qkv(2, 3, 70, 32, torch.float32, device)
     do = torch.randn(2, 3, 70, 32, device=device)
     kwargs = dict(causal=causal, sm_scale=0.3, deterministic=deterministic)
-    eager = run(flash_attention, qkv, 3, do, **kwargs)
+    eager = run(attention, qkv, 3, do, **kwargs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = run(flash_attention, qkv, 3, do, **kwargs)
+    traced = run(attention, qkv, 3, do, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(eager, traced))
 
 
@@ -318,6 +362,9 @@ def test_custom_op_registration(device):
     """Schema and autograd registration; fake-tensor tracing needs a real GPU (see test_opcheck_full)."""
     q, k, v = (torch.randn(1, 2, 17, 32, device=device, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.gpt2.flash_attention_fwd.default, (q, k, v, True, 0.2, True),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    qkv = torch.randn(1, 17, 3 * 64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpt2.flash_attention_qkv_fwd.default, (qkv, 2, True, 0.2, True),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 
@@ -363,16 +410,19 @@ def test_opcheck_full():
         torch.library.opcheck(torch.ops.gpt2.flash_attention_bwd.default,
                               (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, True, 0.125,
                                deterministic))
+    qkv = torch.randn(2, 100, 3 * 192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpt2.flash_attention_qkv_fwd.default, (qkv, 3, True, 0.125, False))
 
 
 @gpu
+@pytest.mark.parametrize("attention", [flash_attention, flash_attention_qkv])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_compiles_without_graph_breaks(deterministic):
+def test_compiles_without_graph_breaks(deterministic, attention):
     B, H, T, D = 2, 3, 200, 64
     qkv, _ = model_qkv(B, H, T, D, torch.bfloat16, "cuda")
     do = torch.randn(B, H, T, D, dtype=torch.bfloat16, device="cuda")
-    compiled = torch.compile(flash_attention, fullgraph=True)
-    got = run(compiled, qkv, H, do, deterministic=deterministic)
-    want = run(flash_attention, qkv, H, do, deterministic=deterministic)
+    compiled = torch.compile(attention, fullgraph=True)
+    got = run(compiled, qkv, H, do, packed=attention is flash_attention_qkv, deterministic=deterministic)
+    want = run(attention, qkv, H, do, deterministic=deterministic)
     for g, w in zip(got, want):  # the compiled graph may autotune to other block sizes: not bitwise
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)

@@ -98,7 +98,7 @@ def test_no_op_gives_a_silent_zero_second_derivative(device):
     backward says so, rather than return first derivatives that differentiate to zero."""
     import torch
 
-    from kernels import add_layer_norm, flash_attention, gelu, layer_norm, linear_cross_entropy
+    from kernels import add_layer_norm, flash_attention, flash_attention_qkv, gelu, layer_norm, linear_cross_entropy
 
     x = torch.randn(4, 8, 16, device=device, requires_grad=True)
     w, b = torch.ones(16, device=device), torch.zeros(16, device=device)
@@ -107,6 +107,7 @@ def test_no_op_gives_a_silent_zero_second_derivative(device):
         ("layer_norm", lambda: add_layer_norm(x, x * 2, w, b)[1]),
         ("gelu", lambda: gelu(x)),
         ("flash_attention", lambda: flash_attention(*(x.view(2, 2, 8, 16) * k for k in (1, 2, 3)), causal=True)),
+        ("flash_attention_qkv", lambda: flash_attention_qkv(torch.cat([x, 2 * x, 3 * x], -1), 1)),
         ("linear_cross_entropy", lambda: linear_cross_entropy(x[0], torch.randn(10, 16, device=device),
                                                               torch.arange(8, device=device) % 10)),
     ]
@@ -126,28 +127,38 @@ from torch._dynamo.backends.common import aot_autograd
 from gpt2.model import GPT, GPTConfig
 from gpt2.ops import resolve
 
-graphs = []
-def keep(graph, example_inputs):
-    graphs.append(graph)
-    return graph
+def backward_graph(deterministic):
+    graphs = []
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return graph
 
-backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
-model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=256), resolve("triton", "cuda"))
-idx = torch.randint(0, 256, (2, 64))
-with torch.autocast("cpu", dtype=torch.bfloat16):
-    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
-loss.backward()
-forward, backward = graphs
-print(json.dumps([node.name for node in backward.graph.nodes if node.op == "placeholder"]))
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+    ops = resolve("triton", "cuda", deterministic=deterministic)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, block_size=64, vocab_size=256), ops)
+    idx = torch.randint(0, 256, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
+    loss.backward()
+    forward, backward = graphs
+    return {{"saved": [node.name for node in backward.graph.nodes if node.op == "placeholder"],
+            "calls": [str(node.target) for node in backward.graph.nodes if node.op == "call_function"]}}
+
+print(json.dumps([backward_graph(True), backward_graph(False)]))
 """
 
 
-def test_compiled_step_saves_no_allocation_for_the_backward():
+def test_compiled_step_saves_no_allocation_and_copies_no_gradient():
     """AOTAutograd, as torch.compile runs it, on a stub GPU (Triton compiles for sm_90 and launches
-    nothing; no C++ compiler needed): the all-Triton model traces in one graph, and no buffer the kernels
-    write into reaches the backward as a saved input. AOTAutograd merges identical allocations other than
-    aten.empty (every layer's attention output made by one empty_strided call, say) into one, which
-    inductor then copies before each kernel writes it: four (B, T, C) copies per layer and step."""
+    nothing; no C++ compiler needed): the all-Triton model traces in one graph, with either attention
+    backward, and
+    - no buffer the kernels write into reaches the backward as a saved input. AOTAutograd merges identical
+      allocations other than aten.empty (every layer's attention output made by one empty_strided call,
+      say) into one, which inductor then copies before each kernel writes it: four (B, T, C) copies per
+      layer and step;
+    - d(qkv) leaves attention's backward as one tensor that its kernels write whole: no concatenation of dq,
+      dk and dv (a (B, T, 3C) read and write per layer), and no copy or scatter into a slice of it (inductor
+      rewrites the whole buffer for each)."""
     import json
     import os
     import pathlib
@@ -159,6 +170,9 @@ def test_compiled_step_saves_no_allocation_for_the_backward():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "tangents_1" in saved
-    assert not [name for name in saved if name.startswith("empty")], saved
+    for graph in json.loads(result.stdout.strip().splitlines()[-1]):
+        saved, calls = graph["saved"], graph["calls"]
+        assert "tangents_1" in saved
+        assert not [name for name in saved if name.startswith("empty")], saved
+        assert calls.count("triton_kernel_wrapper_functional") >= 10
+        assert not [call for call in calls if call.startswith(("aten.cat", "aten.copy")) or "scatter" in call], calls
