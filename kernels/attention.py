@@ -366,9 +366,11 @@ def _attn_bwd_dkdv(
                          offs_n, tl.maximum(lo, t_whole), T, T, qk_scale, sm_scale,
                          HEAD_DIM, BLOCK_M, False, True, not CAUSAL, PRECISION, ATOMIC_DQ)
 
-    out = DQKV + off_b * stride_gb + off_h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-    tl.store(out + stride_gs, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=cols)
-    tl.store(out + 2 * stride_gs, dv.to(DQKV.dtype.element_ty), mask=cols)
+    DK = DQKV + stride_gs
+    DV = DK + stride_gs
+    out = off_b * stride_gb + off_h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=cols)
+    tl.store(DV + out, dv.to(DQKV.dtype.element_ty), mask=cols)
 
 
 @triton.jit
@@ -564,9 +566,10 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
     # the atomic path's fp32 accumulator; the deterministic path passes lse, never written, in its place (not
     # dqkv or delta: under torch.compile a buffer a kernel writes and also reads under another name is copied)
     dq_acc = lse if deterministic else _empty_bthd(q, torch.float32)
+    acc_strides = (0, 0, 0) if deterministic else _bht(dq_acc)
     block_rows = 32 if _INTERPRET else 64
     launch(_bwd_delta)[(cdiv(T, block_rows), B * H)](
-        o, do, delta, dq_acc, *_bht(o), *_bht(do), *_bht(dq_acc), H, T, HEAD_DIM=D, BLOCK_M=block_rows,
+        o, do, delta, dq_acc, *_bht(o), *_bht(do), *acc_strides, H, T, HEAD_DIM=D, BLOCK_M=block_rows,
         ZERO_DQ=not deterministic,
     )
 
@@ -580,7 +583,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
     t_bucket = _tuning_bucket(T)
     launch(_dkdv_kernel if deterministic else _dkdv_dq_kernel)[dkdv_grid](
         q, k, v, do, dqkv, lse, delta, dq_acc, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *dqkv_strides, H * D,
-        *_bht(dq_acc), H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
+        *acc_strides, H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
         ATOMIC_DQ=not deterministic,
     )
     if not deterministic:
