@@ -677,19 +677,17 @@ class _AttentionFunction(torch.autograd.Function):
 class _AttentionQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, n_head, causal, sm_scale, deterministic):
-        o, lse = _forward(*_heads(qkv, n_head), causal, sm_scale, direct)
-        y = _merge_heads(o)
-        ctx.save_for_backward(qkv, y, lse)
+        q, k, v = _heads(qkv, n_head)
+        o, lse = _forward(q, k, v, causal, sm_scale, direct)
+        ctx.save_for_backward(q, k, v, o, lse)  # the views, not qkv and y: fewer host calls in the backward
         ctx.n_head, ctx.causal, ctx.sm_scale, ctx.deterministic = n_head, causal, sm_scale, deterministic
-        return y
+        return _merge_heads(o)
 
     @staticmethod
     def backward(ctx, dy):
         no_double_backward("flash_attention_qkv")
-        qkv, y, lse = ctx.saved_tensors
-        H = ctx.n_head
-        dqkv = _backward(_split_heads(dy, H), *_heads(qkv, H), _split_heads(y, H), lse, ctx.causal, ctx.sm_scale,
-                         ctx.deterministic, direct)
+        dqkv = _backward(_split_heads(dy, ctx.n_head), *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic,
+                         direct)
         return dqkv, None, None, None, None
 
 
