@@ -49,11 +49,11 @@ Layout: q, k, v may be any strided views whose last dimension is contiguous -- i
 slices of one (B, T, 3C) tensor, read in place. The output is allocated with the memory layout
 (B, T, H, D) and returned as a (B, H, T, D) view of it (strides (T*H*D, D, H*D, 1)), so that
 `y.transpose(1, 2)` is contiguous: the (B, T, C) the output projection takes. dq, dk and dv are written
-into one (B, T, 3C) tensor, d(qkv), in the layout of the model's qkv: flash_attention returns its three
-(B, H, T, D) views, flash_attention_qkv (which takes qkv itself) returns it whole. For the model that saves
-a pass over memory that torch.compile cannot save: autograd concatenates separate dq, dk, dv (SDPA's)
-into d(qkv), reading and writing 3C elements per token per layer; at GPT-2 124M, B = 16, T = 1024 in
-bf16, 151 MB a layer, 1.8 GB a step.
+into one buffer. flash_attention_qkv (the model's call, which takes qkv itself) returns it whole: d(qkv),
+(B, T, 3C), laid out as the model's qkv. That saves a pass over memory that torch.compile cannot save:
+autograd concatenates separate dq, dk, dv (SDPA's) into d(qkv), reading and writing 3C elements per token
+per layer; at GPT-2 124M, B = 16, T = 1024 in bf16, 151 MB a layer, 1.8 GB a step. flash_attention returns
+three (B, H, T, D) views of a (3, B, T, H, D) buffer, each laid out like its output.
 
 Design limits: self-attention only (q, k, v share B, H, T); B * H at most 65535; head dim a power of two
 from 16 to 128; fp16 and bf16 on the GPU (fp32 works too, with exact but slow IEEE fp32 dot products,
@@ -64,6 +64,7 @@ not once per token.
 """
 import inspect
 import math
+import operator
 import os
 
 import torch
@@ -249,10 +250,8 @@ def _bwd_delta(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     ZERO_DQ: tl.constexpr,                             # the atomic backward's dq accumulator starts here
 ):
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_bh, off_b, off_h, start_m = _query_block(H, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = (offs_m < T)[:, None]
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -383,10 +382,8 @@ def _bwd_dq_cast(
 ):
     """The atomic backward's last pass: dq, added up in fp32, written in d(qkv)'s dtype. A kernel, not a
     copy into a slice of d(qkv): under torch.compile that copy rewrites the whole buffer, twice."""
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, off_b, off_h, start_m = _query_block(H, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = (offs_m < T)[:, None]
     dq = tl.load(DQ_ACC + off_b * stride_ab + off_h * stride_ah + offs_m[:, None] * stride_at + offs_d[None, :],
@@ -474,8 +471,9 @@ def _last_dim_contiguous(x):
 
 def _empty_bthd(like, dtype=None):
     """A (B, H, T, D) tensor whose memory is laid out (B, T, H, D), as the model wants it back. Made by
-    torch.empty, not empty_strided: AOTAutograd merges identical empty_strided calls (every layer's o, dq,
-    dk, dv) into one buffer that inductor then copies before each kernel writes it."""
+    torch.empty, not empty_strided: AOTAutograd merges identical empty_strided calls (every layer's o, and
+    the atomic backward's dq accumulator) into one buffer that inductor then copies before each kernel
+    writes it."""
     B, H, T, D = like.shape
     return torch.empty((B, T, H, D), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
 
@@ -511,6 +509,10 @@ def _check(q, k, v):
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
         raise ValueError(f"flash_attention takes at most {_MAX_GRID_Y} batch x heads (CUDA's grid limit), got "
                          f"{q.shape[0]} x {q.shape[1]}: split the batch")
+    T, row_stride = q.shape[2], max(3 * q.shape[1] * D, *(t.stride(2) for t in (q, k, v)))  # 3HD: d(qkv)'s
+    if T * row_stride >= 2**31:
+        raise ValueError(f"flash_attention indexes the rows of a (batch, head) in 32 bits: T ({T}) times the row "
+                         f"stride ({row_stride} elements) must be below 2**31: split the sequence")
 
 
 def _forward(q, k, v, causal, sm_scale, launch):
@@ -544,27 +546,37 @@ def _split_heads(y, n_head):
     return y.reshape(B, T, n_head, C // n_head).transpose(1, 2)
 
 
+def _slots(grads):
+    """dq, dk, dv: the (B, H, T, D) views of the (3, B, T, H, D) gradients of separate q, k, v."""
+    return grads.transpose(2, 3).unbind(0)
+
+
 def _merge_heads(o):
     """(B, H, T, D) in (B, T, H, D) memory -> the (B, T, C) view of it: the heads side by side."""
     B, H, T, D = o.shape
     return o.transpose(1, 2).view(B, T, H * D)
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
-    """d(qkv): dq, dk and dv side by side in one (B, T, 3C) tensor, as the gradient of the (B, T, 3C) qkv
-    that the model slices q, k and v from (`_heads` gives the three (B, H, T, D) views of it). One
-    buffer, passed whole to the kernels: under torch.compile a kernel writing into a slice of a buffer is
-    followed by a copy of the buffer, and three buffers by autograd's concatenation of them.
+def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch, packed):
+    """dq, dk and dv, written by the kernels into one buffer that they are passed whole (under
+    torch.compile a kernel writing into a slice of a buffer is followed by a copy of the buffer):
+    - packed: d(qkv) (B, T, 3C), dq, dk and dv side by side as q, k and v are in the model's qkv, so that
+      it is qkv's gradient as it stands, with no concatenation after;
+    - else (3, B, T, H, D): `_slots` gives the three (B, H, T, D) views, each laid out (B, T, H, D) like o,
+      as leaves made that way take their .grad without a copy.
     deterministic: dq by a kernel of its own (bitwise reproducible); else added up in fp32 by the dk/dv
     programs with atomics, in whatever order they arrive, then cast (5 matmuls per block pair instead of 7)."""
     do = _last_dim_contiguous(do)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     B, H, T, D = q.shape
-    dqkv = torch.empty((B, T, 3 * H * D), dtype=q.dtype, device=q.device)
-    dqkv_strides = (3 * T * H * D, D, 3 * H * D)  # (b, h, t) of each (B, H, T, D) slot; slot 0 is dq
+    if packed:
+        grads = torch.empty((B, T, 3 * H * D), dtype=q.dtype, device=q.device)
+        grad_strides, slot_stride = (3 * T * H * D, D, 3 * H * D), H * D  # (b, h, t) of each slot; dq first
+    else:
+        grads = torch.empty((3, B, T, H, D), dtype=q.dtype, device=q.device)
+        grad_strides, slot_stride = (T * H * D, D, H * D), B * T * H * D
     delta = torch.empty_like(lse)
-    # the atomic path's fp32 accumulator; the deterministic path passes lse, never written, in its place (not
-    # dqkv or delta: under torch.compile a buffer a kernel writes and also reads under another name is copied)
+    # the atomic path's fp32 accumulator; the deterministic path passes lse, never written, in its place
     dq_acc = lse if deterministic else _empty_bthd(q, torch.float32)
     acc_strides = (0, 0, 0) if deterministic else _bht(dq_acc)
     block_rows = 32 if _INTERPRET else 64
@@ -582,20 +594,20 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, launch):
     qk_scale = sm_scale * _LOG2E
     t_bucket = _tuning_bucket(T)
     launch(_dkdv_kernel if deterministic else _dkdv_dq_kernel)[dkdv_grid](
-        q, k, v, do, dqkv, lse, delta, dq_acc, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *dqkv_strides, H * D,
+        q, k, v, do, grads, lse, delta, dq_acc, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *grad_strides, slot_stride,
         *acc_strides, H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
         ATOMIC_DQ=not deterministic,
     )
     if not deterministic:
         launch(_bwd_dq_cast)[(cdiv(T, block_rows), B * H)](
-            dq_acc, dqkv, *_bht(dq_acc), *dqkv_strides, H, T, HEAD_DIM=D, BLOCK_M=block_rows,
+            dq_acc, grads, *_bht(dq_acc), *grad_strides, H, T, HEAD_DIM=D, BLOCK_M=block_rows,
         )
-        return dqkv
+        return grads
     launch(_attn_bwd_dq)[dq_grid](
-        q, k, v, do, dqkv, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *dqkv_strides,
+        q, k, v, do, grads, lse, delta, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *grad_strides,
         H, T, t_bucket, qk_scale, sm_scale, HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q),
     )
-    return dqkv
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,8 +623,9 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 @triton_op("gpt2::flash_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, causal: bool, sm_scale: float, deterministic: bool) -> torch.Tensor:
-    return _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, traced)
+                      lse: torch.Tensor, causal: bool, sm_scale: float, deterministic: bool,
+                      packed: bool) -> torch.Tensor:
+    return _backward(do, q, k, v, o, lse, causal, sm_scale, deterministic, traced, packed)
 
 
 def _op_setup(ctx, inputs, output):
@@ -622,9 +635,8 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, do, _dlse):
-    q = ctx.saved_tensors[0]
-    dqkv = _attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic)
-    return *_heads(dqkv, q.shape[1]), None, None, None
+    grads = _attention_bwd_op(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, False)
+    return *_slots(grads), None, None, None
 
 
 torch.library.register_autograd("gpt2::flash_attention_fwd", _op_backward, setup_context=_op_setup)
@@ -647,7 +659,7 @@ def _qkv_op_backward(ctx, dy, _dlse):
     qkv, y, lse = ctx.saved_tensors
     H = ctx.n_head
     dqkv = _attention_bwd_op(_split_heads(dy, H), *_heads(qkv, H), _split_heads(y, H), lse, ctx.causal, ctx.sm_scale,
-                             ctx.deterministic)
+                             ctx.deterministic, True)
     return dqkv, None, None, None, None
 
 
@@ -669,9 +681,8 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         no_double_backward("flash_attention")
-        q = ctx.saved_tensors[0]
-        dqkv = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct)
-        return *_heads(dqkv, q.shape[1]), None, None, None
+        grads = _backward(do, *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic, direct, False)
+        return *_slots(grads), None, None, None
 
 
 class _AttentionQKVFunction(torch.autograd.Function):
@@ -687,7 +698,7 @@ class _AttentionQKVFunction(torch.autograd.Function):
     def backward(ctx, dy):
         no_double_backward("flash_attention_qkv")
         dqkv = _backward(_split_heads(dy, ctx.n_head), *ctx.saved_tensors, ctx.causal, ctx.sm_scale, ctx.deterministic,
-                         direct)
+                         direct, True)
         return dqkv, None, None, None, None
 
 
@@ -710,11 +721,11 @@ def attention_ref(q, k, v, causal=True, sm_scale=None, upcast=True):
     return y if upcast else y.to(dtype)
 
 
-def _scale(sm_scale, head_dim):
+def _scale(sm_scale, head_dim, op):
     if sm_scale is None:
         return head_dim ** -0.5
     if not 0 < sm_scale < 1e30:  # times log2(e) in fp32 in the kernel: finite
-        raise ValueError(f"flash_attention wants 0 < sm_scale < 1e30, got {sm_scale}")
+        raise ValueError(f"{op} wants 0 < sm_scale < 1e30, got {sm_scale}")
     return float(sm_scale)
 
 
@@ -725,7 +736,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, deterministic=True):
     deterministic=False: a backward that adds dq up with fp32 atomics, two matmuls per block pair fewer,
     whose dq can differ in its last bits from run to run (dk and dv stay bitwise reproducible).
     """
-    sm_scale = _scale(sm_scale, q.shape[-1])
+    sm_scale = _scale(sm_scale, q.shape[-1], "flash_attention")
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, causal, sm_scale, bool(deterministic))[0]
     return _AttentionFunction.apply(q, k, v, causal, sm_scale, bool(deterministic))
@@ -740,10 +751,19 @@ def flash_attention_qkv(qkv, n_head, causal=True, sm_scale=None, deterministic=T
     dq, dk and dv to autograd, which concatenates them into d(qkv): a read and a write of 3C elements per
     token more.
     """
-    if qkv.dim() != 3 or type(n_head) is not int or n_head < 1 or qkv.shape[-1] % (3 * n_head):
+    try:
+        n_head = operator.index(n_head)  # an int, or what stands for one (a 0-d integer tensor, a numpy int)
+    except TypeError:
+        raise TypeError(f"flash_attention_qkv: n_head must be an integer, got {n_head!r}") from None
+    check_float_inputs("flash_attention_qkv", qkv=qkv)
+    if qkv.dim() != 3 or n_head < 1 or qkv.shape[-1] % (3 * n_head):
         raise ValueError(f"flash_attention_qkv wants qkv (B, T, 3 * n_head * head_dim) and n_head >= 1, got "
-                         f"{tuple(qkv.shape)} and n_head {n_head!r}")
-    sm_scale = _scale(sm_scale, qkv.shape[-1] // (3 * n_head))
+                         f"{tuple(qkv.shape)} and n_head {n_head}")
+    C, head_dim = qkv.shape[-1] // 3, qkv.shape[-1] // (3 * n_head)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"flash_attention_qkv: head dim C / n_head = {C} / {n_head} = {head_dim}, the kernels take "
+                         f"{', '.join(map(str, HEAD_DIMS))}: choose n_head to match")
+    sm_scale = _scale(sm_scale, head_dim, "flash_attention_qkv")
     if torch.compiler.is_compiling():
         return _attention_qkv_op(qkv, n_head, causal, sm_scale, bool(deterministic))[0]
     return _AttentionQKVFunction.apply(qkv, n_head, causal, sm_scale, bool(deterministic))

@@ -121,15 +121,20 @@ def test_packed_matches_reference(B, H, T, D, causal, dtype, deterministic, devi
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_packed_layouts(deterministic, device):
     """y is (B, T, C) and contiguous, as c_proj takes it; d(qkv) is one contiguous (B, T, 3C) tensor (no
-    concatenation made it); flash_attention's dq, dk, dv are the three (B, H, T, D) views of such a tensor."""
+    concatenation made it)."""
     B, H, T, D = 2, 3, 5, 16
-    qkv, (q, k, v) = model_qkv(B, H, T, D, torch.float32, device)
+    qkv, _ = model_qkv(B, H, T, D, torch.float32, device)
     y = flash_attention_qkv(qkv, H, deterministic=deterministic)
     assert y.shape == (B, T, H * D) and y.is_contiguous()
     y.backward(torch.randn_like(y))
     assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
-    dq, dk, dv = torch.autograd.grad(flash_attention(q, k, v, deterministic=deterministic).sum(), (q, k, v))
-    assert dq.shape == (B, H, T, D) and dk.data_ptr() - dq.data_ptr() == dv.data_ptr() - dk.data_ptr() == H * D * 4
+
+    # flash_attention on leaves laid out (B, T, H, D), as its output is: dq, dk, dv are three slots of one
+    # buffer with the leaves' strides, which autograd keeps as .grad (it copies a gradient of other strides)
+    q, k, v = (torch.randn(B, T, H, D, device=device).transpose(1, 2).requires_grad_() for _ in range(3))
+    flash_attention(q, k, v, deterministic=deterministic).sum().backward()
+    assert all(t.grad.stride() == t.stride() for t in (q, k, v))
+    assert k.grad.data_ptr() - q.grad.data_ptr() == v.grad.data_ptr() - k.grad.data_ptr() == q.numel() * 4
 
 
 AUTOTUNED = [(attention._attn_fwd, attention._FWD_CANDIDATES), (attention._attn_bwd_dq, attention._DQ_CANDIDATES),
@@ -315,13 +320,33 @@ def test_rejects_bad_shapes(device):
         flash_attention(many, many, many)
 
 
-def test_packed_rejects_bad_shapes(device):
+def test_packed_rejects_bad_input(device):
     qkv = torch.randn(1, 8, 96, device=device)
-    for bad_qkv, n_head in ((qkv, 5), (qkv, 0), (qkv, 2.0), (qkv[0], 1)):
+    for bad_qkv, n_head in ((qkv, 5), (qkv, 0), (qkv[0], 1)):
         with pytest.raises(ValueError, match=r"qkv \(B, T, 3 \* n_head \* head_dim\) and n_head >= 1"):
             flash_attention_qkv(bad_qkv, n_head)
-    with pytest.raises(ValueError, match="head dims 16, 32, 64, 128, got 8"):
-        flash_attention_qkv(qkv, 4)
+    with pytest.raises(TypeError, match="n_head must be an integer, got 2.0"):
+        flash_attention_qkv(qkv, 2.0)
+    for n_head, head_dim in ((4, 8), (32, 1)):
+        with pytest.raises(ValueError, match=f"C / n_head = 32 / {n_head} = {head_dim}, the kernels take 16, 32, "):
+            flash_attention_qkv(qkv, n_head)
+    with pytest.raises(ValueError, match="head dim C / n_head = 0 / 1 = 0"):
+        flash_attention_qkv(qkv[..., :0], 1)
+    with pytest.raises(TypeError, match="flash_attention_qkv: qkv is torch.float64"):
+        flash_attention_qkv(qkv.double(), 1)
+    with pytest.raises(ValueError, match="flash_attention_qkv wants 0 < sm_scale"):
+        flash_attention_qkv(qkv, 1, sm_scale=0.0)
+    assert flash_attention_qkv(qkv, torch.tensor(1)).shape == (1, 8, 32)  # an integer tensor stands for an int
+
+
+def test_rows_past_32_bit_offsets_are_refused():
+    """The kernels index the rows of one (batch, head) in 32 bits; d(qkv)'s rows are 3C apart. Meta tensors:
+    nothing is allocated, nothing launched."""
+    H, D = 32, 128
+    T = 2**31 // (3 * H * D) + 1
+    q = torch.empty(1, H, T, D, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=f"T \\({T}\\) times the row stride \\(12288 elements\\) .* split the sequence"):
+        flash_attention(q, q, q)
 
 
 def test_rejects_bad_dtypes_and_devices(device):

@@ -402,6 +402,24 @@ def test_time_op_reports_each_row_and_compiles_each_config_static(monkeypatch):
     assert all(r["speedup"] == 1.0 and r["vs"] == harness.COMPILED for r in rows if "ms" in r)
 
 
+def test_op_step_differentiates_every_input_leaf():
+    """The backward and full modes timed by the kernel benchmarks: the gradient of every input leaf, returned as
+    the op made it (autograd.grad; None for a leaf the op does not use), never added into .grad."""
+    x, w, unused = (torch.randn(*shape, requires_grad=True) for shape in ((4, 6), (6,), (3,)))
+    def op(x, w, unused):
+        return (x * w).sin()
+
+    for mode in ("backward", "full"):
+        torch.manual_seed(0)
+        step = harness._op_step(op, (x, w, unused), mode)
+        torch.manual_seed(0)
+        dy = torch.randn(4, 6)  # the output gradient _op_step draws
+        want = torch.autograd.grad(op(x, w, unused), (x, w), dy)
+        got = step()
+        assert torch.allclose(got[0], want[0]) and torch.allclose(got[1], want[1]) and got[2] is None
+        assert x.grad is None and w.grad is None
+
+
 def test_speedups_against_the_fastest_baseline_that_ran():
     config = {"T": 1024}
     rows = [{"config": config, "mode": "forward", "provider": p, **({"ms": ms} if ms else {"error": "n/a"})}
